@@ -1,0 +1,28 @@
+# One-command setup on a fresh machine: `make test`, `make demo`.
+# This machine (and CI) is CPU-only: torch's CPU build is installed first, so nothing pulls a
+# multi-GB CUDA build. On a GPU machine: make TORCH_SPEC="torch" EXTRAS="dev,gpu" test
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= dev
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test demo clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(PY) -m jobs.demo
+
+clean:
+	rm -rf $(VENV) demo_out .cache

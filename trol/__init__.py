@@ -1,0 +1,20 @@
+"""TroL (Traversal of Layers) vision-language model. PyTorch + transformers only."""
+
+from .config import TRAVERSAL_MODES, TroLConfig
+from .mixer import TroLMixer
+from .modeling import TroLForConditionalGeneration, TroLPreTrainedModel
+from .traversal import TroLCache, TroLDecoderLayer
+
+__all__ = [
+    "TRAVERSAL_MODES",
+    "TroLCache",
+    "TroLConfig",
+    "TroLDecoderLayer",
+    "TroLForConditionalGeneration",
+    "TroLMixer",
+    "TroLPreTrainedModel",
+]
+from .inference import CaptionResult, Captioner, load_model  # noqa: E402
+from .processing import ChatFormat, ImageSettings, TroLProcessor  # noqa: E402
+
+__all__ += ["CaptionResult", "Captioner", "ChatFormat", "ImageSettings", "TroLProcessor", "load_model"]

@@ -1,0 +1,92 @@
+"""Captioner: the small interface the Ray predictor uses (load once, caption batches)."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .modeling import TroLForConditionalGeneration
+from .processing import TroLProcessor
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str | None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """"auto" is bf16 on GPUs that support it, float32 elsewhere (CPU bf16 matmuls are slow)."""
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: choose auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def default_attn_implementation(device: torch.device, dtype: torch.dtype) -> str:
+    """flash_attention_2 where flash-attn is installed and usable, SDPA otherwise."""
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
+        if importlib.util.find_spec("flash_attn") is not None:
+            return "flash_attention_2"
+    return "sdpa"
+
+
+def load_model(
+    name_or_path: str, dtype: str = "auto", device: str | None = None, attn_implementation: str | None = None
+) -> tuple[TroLForConditionalGeneration, TroLProcessor]:
+    """Model on its device in eval mode, and its processor."""
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    attn = attn_implementation or default_attn_implementation(dev, torch_dtype)
+    model = TroLForConditionalGeneration.from_pretrained(name_or_path, dtype=torch_dtype, attn_implementation=attn)
+    return model.to(dev).eval(), TroLProcessor.from_pretrained(name_or_path)
+
+
+@dataclass
+class CaptionResult:
+    text: str
+    num_tokens: int  # generated tokens, the end-of-turn token included
+
+
+class Captioner:
+    def __init__(self, model: str, dtype: str = "auto", device: str | None = None, model_id: str | None = None):
+        self.model, self.processor = load_model(model, dtype=dtype, device=device)
+        self.device = self.model.device
+        self.model_id = model_id or str(model)
+
+    @torch.inference_mode()
+    def caption(
+        self,
+        pixel_values: list[np.ndarray],
+        prompt: str,
+        *,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> list[CaptionResult]:
+        if not len(pixel_values):
+            return []
+        text = [self.processor.build_prompt(prompt)] * len(pixel_values)
+        batch = self.processor(text=text, images=list(pixel_values)).to(self.device)
+        sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
+        if seed is not None:
+            torch.manual_seed(seed)
+        out = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=do_sample, **sampling)
+        new_tokens = out[:, batch["input_ids"].shape[1] :].cpu()
+        return [self._result(row) for row in new_tokens]
+
+    def _result(self, row: torch.Tensor) -> CaptionResult:
+        eos = self.model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [eos])
+        tokens = row.tolist()
+        end = next((i + 1 for i, t in enumerate(tokens) if t in eos), len(tokens))
+        text = self.processor.tokenizer.decode(tokens[:end], skip_special_tokens=True).strip()
+        return CaptionResult(text=text, num_tokens=end)
