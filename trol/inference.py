@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +46,11 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, dev)
     attn = attn_implementation or default_attn_implementation(dev, torch_dtype)
     model = TroLForConditionalGeneration.from_pretrained(name_or_path, dtype=torch_dtype, attn_implementation=attn)
+    adapter = os.path.join(str(name_or_path), "adapter")
+    if os.path.isfile(os.path.join(adapter, "adapter_config.json")):  # fine-tuned with keep_adapter
+        from .training import apply_saved_adapter
+
+        apply_saved_adapter(model, adapter)
     return model.to(dev).eval(), TroLProcessor.from_pretrained(name_or_path)
 
 

@@ -1,0 +1,43 @@
+"""Fine-tune a TroL model with Ray Train.
+
+    python -m jobs.finetune SPEC.yaml [--set key=value ...]
+    ray job submit --working-dir . -- python -m jobs.finetune SPEC.yaml
+
+Rerunning the same spec (same output + name) resumes from its last checkpoint.
+Exit status: 0 trained, 1 training failed, 2 bad spec.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from jobs.caption import ensure_ray
+from jobs.finetune_spec import FinetuneSpec
+from jobs.specs import SpecError, load_spec
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.finetune", description=__doc__.split("\n\n")[0])
+    parser.add_argument("spec", help="YAML fine-tuning spec (see jobs/examples/finetune_digits.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a spec field, e.g. --set max_steps=200 --set lora.r=8")
+    args = parser.parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pipelines.finetune import format_finetune_summary, run_finetune
+
+    try:
+        spec = load_spec(FinetuneSpec, args.spec, args.overrides)
+        ensure_ray()
+        summary = run_finetune(spec)
+    except SpecError as exc:
+        print(f"finetune: spec error: {exc}", file=sys.stderr)
+        return 2
+    print(format_finetune_summary(summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

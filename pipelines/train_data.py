@@ -1,0 +1,104 @@
+"""Training rows → model batches, on each Ray Train worker.
+
+A row has an image cell (bytes or path, may be null for text-only rows) and either a
+`conversations` list or a `caption` string. Bad rows are dropped and counted, never fatal:
+an image that does not decode, a conversation that does not parse, or a sequence over the
+length limit under the "drop" policy (or one that cannot be truncated without cutting the
+image, under "truncate").
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from .images import load_image
+from .prepare import InvalidRecord, normalize_conversations
+
+
+@dataclass
+class RowFormat:
+    image_column: str = "image"
+    conversations_column: str = "conversations"
+    caption_column: str = "caption"
+    prompt: str = "Describe the image."
+    max_length: int = 2048
+    length_policy: str = "truncate"  # or "drop"
+    max_image_pixels: int = 50_000_000
+
+
+@dataclass
+class DataCounters:
+    """What happened to the rows a worker read (summed across workers for metrics)."""
+
+    counts: Counter = field(default_factory=Counter)
+
+    def add(self, key: str, n: int = 1) -> None:
+        self.counts[key] += n
+
+
+def row_turns(row: dict[str, Any], fmt: RowFormat, has_image: bool) -> list[dict[str, str]]:
+    conversations = row.get(fmt.conversations_column)
+    if conversations is not None and len(conversations):
+        return normalize_conversations(conversations, has_image=has_image)
+    caption = row.get(fmt.caption_column)
+    if isinstance(caption, str) and caption.strip():
+        return [{"role": "user", "content": fmt.prompt}, {"role": "assistant", "content": caption.strip()}]
+    raise InvalidRecord(f"neither {fmt.conversations_column!r} nor {fmt.caption_column!r} holds text")
+
+
+def encode_row(row: dict[str, Any], processor: Any, fmt: RowFormat, counters: DataCounters):
+    """One row → (encoding, pixel array or None), or None when the row is dropped."""
+    cell = row.get(fmt.image_column)
+    pixels = None
+    if cell is not None:
+        image, error = load_image(cell, max_pixels=fmt.max_image_pixels)
+        if image is None:
+            counters.add("dropped_bad_image")
+            return None
+        pixels = processor.preprocess_image(image)
+    try:
+        turns = row_turns(row, fmt, has_image=pixels is not None)
+    except InvalidRecord:
+        counters.add("dropped_bad_text")
+        return None
+    has_image = pixels is not None
+    if fmt.length_policy == "truncate":
+        encoding = processor.encode_conversation(turns, has_image=has_image, max_length=fmt.max_length)
+    else:
+        encoding = processor.encode_conversation(turns, has_image=has_image)
+        if encoding is not None and len(encoding["input_ids"]) > fmt.max_length:
+            encoding = None
+    if encoding is None:
+        counters.add("dropped_too_long")
+        return None
+    if encoding["truncated"]:
+        counters.add("truncated")
+    counters.add("rows_used")
+    return encoding, pixels
+
+
+def model_batches(
+    rows: Iterable[dict[str, Any]], processor: Any, fmt: RowFormat, batch_size: int, counters: DataCounters
+) -> Iterator[dict[str, Any]]:
+    """Collated batches of `batch_size` usable rows (the last one may be smaller)."""
+    encodings, pixels = [], []
+    for row in rows:
+        item = encode_row(row, processor, fmt, counters)
+        if item is None:
+            continue
+        encodings.append(item[0])
+        pixels.append(item[1])
+        if len(encodings) == batch_size:
+            yield processor.collate(encodings, pixels)
+            encodings, pixels = [], []
+    if encodings:
+        yield processor.collate(encodings, pixels)
+
+
+def arrow_rows(batches: Iterable[Any]) -> Iterator[dict[str, Any]]:
+    """Rows of pyarrow batches (Ray Data's batch_format="pyarrow") as plain dicts."""
+    for batch in batches:
+        yield from batch.to_pylist()

@@ -1,0 +1,193 @@
+"""Fine-tuning on Ray Train, end to end with real parts (local Ray, SeaweedFS S3)."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from jobs.finetune_spec import FinetuneSpec
+from jobs.specs import CaptionSpec, SpecError, build_spec
+from pipelines.finetune import FAULT_ENV, format_finetune_summary, run_finetune
+from pipelines.prepare import parse_digit, prepare_digits
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("digits")
+    prepare_digits(str(out), image_size=32, seed=0)
+    return out
+
+
+def spec_for(tmp_path: Path, digits: Path, base: Path, **overrides) -> FinetuneSpec:
+    data = dict(data=str(digits / "train"), output=str(tmp_path / "runs"), name="run", base_model=str(base),
+                stage="full", workers=1, cpus_per_worker=0.5, batch_size=8, lr=3e-3, max_steps=4,
+                checkpoint_every=2, log_every=1, eval_max_batches=2)
+    data.update(overrides)
+    return build_spec(FinetuneSpec, data)
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_a_tiny_trol_learns_digits_on_two_ddp_workers(tmp_path, digits, tiny_model, ray_session):
+    from pipelines.caption import execute_caption, plan_caption
+
+    started = time.perf_counter()
+    spec = spec_for(tmp_path, digits, tiny_model, eval_data=str(digits / "test"), workers=2, batch_size=16,
+                    warmup_steps=20, max_steps=450, checkpoint_every=150, log_every=10, name="digits")
+    summary = run_finetune(spec)
+    train_seconds = time.perf_counter() - started
+    print(format_finetune_summary(summary))
+    model_dir = Path(summary["model"])
+    assert summary["steps"] == 450 and (tmp_path / "runs" / "digits" / "loss_curve.png").stat().st_size > 5000
+    history = summary["history"]
+    assert history[-1]["loss"] < history[0]["loss"] / 5
+    assert summary["final_metrics"]["eval_loss"] < 0.5
+
+    caption = build_spec(CaptionSpec, dict(
+        input=str(digits / "test"), output=str(tmp_path / "captions"), model=str(model_dir),
+        id_columns=["id", "label"], prompt="Describe the image.", batch_size=64, actors=1,
+        generation={"max_new_tokens": 8}))
+    result = execute_caption(plan_caption(caption))
+    table = pq.read_table(glob.glob(str(tmp_path / "captions" / "**" / "*.parquet"), recursive=True))
+    rows = table.to_pylist()
+    assert len(rows) == 360 and result["rows_out"] == 360
+    correct = sum(parse_digit(r["caption"] or "") == r["label"] for r in rows)
+    accuracy = correct / len(rows)
+    print(f"digits accuracy {accuracy:.3f} ({correct}/{len(rows)}), training {train_seconds:.0f}s, "
+          f"{summary['final_metrics']['tokens_per_s']:.0f} tokens/s")
+    assert accuracy >= 0.9
+
+
+def test_stage1_trains_only_projector_and_mixers(tmp_path, digits, tiny_model):
+    summary = run_finetune(spec_for(tmp_path, digits, tiny_model, stage="1", lr=1e-2))
+    before, after = weights(tiny_model), weights(Path(summary["model"]))
+    assert before.keys() == after.keys()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    trainable = {k for k in before if k.startswith("vision.projector.") or ".mixer." in k}
+    assert changed == trainable
+    assert summary["steps"] == 4 and len(summary["history"]) == 4
+
+
+def test_stage2_trains_lora_projector_and_mixers_then_merges(tmp_path, digits, tiny_model):
+    summary = run_finetune(spec_for(tmp_path, digits, tiny_model, stage="2", lr=1e-2,
+                                    lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}))
+    before, after = weights(tiny_model), weights(Path(summary["model"]))
+    assert before.keys() == after.keys(), "LoRA is merged: the export is a plain TroL checkpoint"
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    lora_targets = {k for k in before if k.endswith(("q_proj.weight", "v_proj.weight")) and "language_model" in k}
+    trainable = {k for k in before if k.startswith("vision.projector.") or ".mixer." in k}
+    assert changed == trainable | lora_targets
+
+
+def test_keep_adapter_export_loads_like_the_merged_one(tmp_path):
+    from trol import load_model
+    from trol.tiny import build_tiny
+    from trol.training import LoraSettings, prepare_for_stage
+    from pipelines.train_checkpoint import export_model
+
+    outputs = []
+    for keep in (False, True):
+        model, processor = build_tiny("phi3")
+        prepare_for_stage(model, "2", LoraSettings(r=4, alpha=8, dropout=0.0))
+        torch.manual_seed(3)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.2)
+        export_model(model, processor, str(tmp_path / str(keep)), keep_adapter=keep)
+        loaded, proc = load_model(str(tmp_path / str(keep)), dtype="float32", device="cpu")
+        batch = proc(text=[proc.build_prompt("hi", with_image=False)])
+        with torch.no_grad():
+            outputs.append(loaded(**batch).logits)
+    assert (tmp_path / "True" / "adapter" / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "False" / "adapter").exists()
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-5)
+
+
+def test_checkpoints_and_model_on_s3(tmp_path, digits, tiny_model, s3_env, make_bucket):
+    from pipelines.storage import Storage, parse_uri
+    from pipelines.predictor import materialize_model, resolve_model_ref
+
+    bucket = make_bucket("ft")
+    client = s3_env.client()
+    for folder, prefix in [(tiny_model, "models/tiny"), (digits / "train", "data/train")]:
+        for path in folder.rglob("*"):
+            if path.is_file():
+                client.put_object(Bucket=bucket, Key=f"{prefix}/{path.relative_to(folder)}", Body=path.read_bytes())
+    summary = run_finetune(spec_for(
+        tmp_path, digits, tiny_model, data=f"s3://{bucket}/data/train", base_model=f"s3://{bucket}/models/tiny",
+        output=f"s3://{bucket}/runs", storage={"endpoint_url": s3_env.endpoint_url}, keep_checkpoints=1,
+        model_cache_dir=str(tmp_path / "cache")))
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="runs/run/")["Contents"]]
+    checkpoints = {k.split("/")[2] for k in keys if k.split("/")[2].startswith("checkpoint_")}
+    assert len(checkpoints) == 1, "keep_checkpoints=1 keeps only the newest"
+    assert any(k.endswith("training_state.pt") for k in keys)
+    assert f"runs/run/model/model.safetensors" in keys and "runs/run/loss_curve.png" in keys
+    assert summary["model"] == f"s3://{bucket}/runs/run/model"
+    storage = Storage.from_environment(s3_env.endpoint_url)
+    local = materialize_model(resolve_model_ref(summary["model"], storage), storage, str(tmp_path / "cache2"))
+    from trol import TroLForConditionalGeneration
+
+    assert TroLForConditionalGeneration.from_pretrained(local).config.model_type == "trol"
+
+
+@pytest.mark.slow
+def test_a_killed_worker_restarts_from_the_last_checkpoint(tmp_path, digits, tiny_model, monkeypatch):
+    name = f"fault-{os.getpid()}-{time.time_ns()}"
+    monkeypatch.setenv(FAULT_ENV, "5")
+    spec = spec_for(tmp_path, digits, tiny_model, workers=2, max_steps=8, checkpoint_every=3, max_failures=1, name=name)
+    try:
+        summary = run_finetune(spec)
+    finally:
+        Path(tempfile.gettempdir(), f"trol-fault-{name}").unlink(missing_ok=True)
+    assert summary["resumed_from"] == [3]
+    assert summary["steps"] == 8
+    # The loss curve continues from the checkpoint: steps 4-5 of the killed attempt are redone.
+    assert [h["step"] for h in summary["history"]] == [1, 2, 3, 4, 5, 6, 7, 8]
+
+
+@pytest.mark.slow
+def test_rerun_after_a_crash_resumes(tmp_path, digits, tiny_model, monkeypatch):
+    name = f"crash-{os.getpid()}-{time.time_ns()}"
+    spec = spec_for(tmp_path, digits, tiny_model, max_steps=8, checkpoint_every=3, max_failures=0, name=name)
+    monkeypatch.setenv(FAULT_ENV, "5")
+    try:
+        with pytest.raises(Exception):
+            run_finetune(spec)
+    finally:
+        Path(tempfile.gettempdir(), f"trol-fault-{name}").unlink(missing_ok=True)
+    monkeypatch.delenv(FAULT_ENV)
+    summary = run_finetune(spec)
+    assert summary["resumed_from"] == [3] and summary["steps"] == 8
+    again = run_finetune(spec)  # a finished run stays finished
+    assert again["steps"] == 8 and again["resumed_from"] == [3, 8]
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"stage": "3"}, "stage"),
+    ({"max_steps": None}, "(spec)"),
+    ({"quantize": 4}, "(spec)"),
+    ({"lora": {"rank": 4}}, "lora.rank"),
+    ({"learning_rate": 1}, "learning_rate"),
+    ({"data": "/nonexistent/shards"}, "data"),
+    ({"image_column": "pixels"}, "image_column"),
+    ({"base_model": "/nonexistent/model"}, "base_model"),
+])
+def test_spec_errors_name_the_field_before_any_model_loads(tmp_path, digits, tiny_model, change, field):
+    with pytest.raises(SpecError) as err:
+        run_finetune(spec_for(tmp_path, digits, tiny_model, **change))
+    assert err.value.field == field, str(err.value)
+    assert not (tmp_path / "runs" / "run" / "model").exists()
