@@ -132,7 +132,7 @@ def test_checkpoints_and_model_on_s3(tmp_path, digits, tiny_model, s3_env, make_
         output=f"s3://{bucket}/runs", storage={"endpoint_url": s3_env.endpoint_url}, keep_checkpoints=1,
         model_cache_dir=str(tmp_path / "cache")))
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="runs/run/")["Contents"]]
-    checkpoints = {k.split("/")[2] for k in keys if k.split("/")[2].startswith("checkpoint_")}
+    checkpoints = {k.split("/")[2] for k in keys if k.count("/") > 2 and k.split("/")[2].startswith("checkpoint_")}
     assert len(checkpoints) == 1, "keep_checkpoints=1 keeps only the newest"
     assert any(k.endswith("training_state.pt") for k in keys)
     assert f"runs/run/model/model.safetensors" in keys and "runs/run/loss_curve.png" in keys

@@ -100,10 +100,10 @@ def test_gate_and_mix_follow_the_equations():
     torch.manual_seed(0)
     d = 16
     mixer = TroLMixer(d)
-    torch.nn.init.normal_(mixer.gate_proj.weight)
-    torch.nn.init.normal_(mixer.gate_proj.bias)
+    torch.nn.init.normal_(mixer.gate_linear.weight)
+    torch.nn.init.normal_(mixer.gate_linear.bias)
     h1, h2 = torch.randn(2, 5, d), torch.randn(2, 5, d)
-    w, b = mixer.gate_proj.weight[0], mixer.gate_proj.bias[0]
+    w, b = mixer.gate_linear.weight[0], mixer.gate_linear.bias[0]
     s = 0.5 * torch.tanh(h1 @ w + b) + 0.5
     torch.testing.assert_close(mixer.gate(h1)[..., 0], s)
     torch.testing.assert_close(mixer(h1, h2), (1 - s)[..., None] * h1 + s[..., None] * h2)
@@ -124,7 +124,7 @@ def test_wrapped_layer_is_two_passes_of_the_same_layer_then_mix(backbone):
     with torch.no_grad():
         h1 = wrapped.layer(x, **kwargs)
         h2 = wrapped.layer(h1, **kwargs)
-        s = 0.5 * torch.tanh(h1 @ wrapped.mixer.gate_proj.weight[0] + wrapped.mixer.gate_proj.bias[0]) + 0.5
+        s = 0.5 * torch.tanh(h1 @ wrapped.mixer.gate_linear.weight[0] + wrapped.mixer.gate_linear.bias[0]) + 0.5
         expected = (1 - s)[..., None] * h1 + s[..., None] * h2
         torch.testing.assert_close(wrapped(x, **kwargs), expected)
         cache = TroLCache(config=model.config.text_config)

@@ -17,8 +17,8 @@ def tiny(backbone: str = "llama", traversal: str = "full", **kwargs):
     # Random mixers with a visible spread, so a wrong gate or a skipped pass shows in the logits.
     torch.manual_seed(1)
     for mixer in model.mixers():
-        torch.nn.init.normal_(mixer.gate_proj.weight, std=0.5)
-        torch.nn.init.normal_(mixer.gate_proj.bias, std=0.5)
+        torch.nn.init.normal_(mixer.gate_linear.weight, std=0.5)
+        torch.nn.init.normal_(mixer.gate_linear.bias, std=0.5)
     return model.eval(), processor
 
 

@@ -15,11 +15,11 @@ class TroLMixer(nn.Module):
 
     def __init__(self, hidden_size: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, 1)
+        self.gate_linear = nn.Linear(hidden_size, 1)
 
     def gate(self, h1: torch.Tensor) -> torch.Tensor:
         """The mixing weight s ∈ (0, 1), shape (..., 1)."""
-        return 0.5 * torch.tanh(self.gate_proj(h1)) + 0.5
+        return 0.5 * torch.tanh(self.gate_linear(h1)) + 0.5
 
     def forward(self, h1: torch.Tensor, h2: torch.Tensor) -> torch.Tensor:
         s = self.gate(h1)
