@@ -1,0 +1,1 @@
+"""Job entry points: `python -m jobs.<name> SPEC.yaml`, specs in jobs.specs."""

@@ -1,0 +1,73 @@
+"""Caption Parquet shards with a TroL model on Ray Data.
+
+    python -m jobs.caption SPEC.yaml [--set key=value ...] [--plan-only]
+    ray job submit --working-dir . -- python -m jobs.caption SPEC.yaml
+
+Exit status: 0 all shards done, 1 some shards failed (rerun to retry them), 2 bad spec.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from jobs.specs import CaptionSpec, SpecError, load_spec
+
+log = logging.getLogger("jobs.caption")
+
+
+def ensure_ray() -> None:
+    """Join the cluster this job was submitted to (or one started with `ray start`);
+    otherwise start a private local Ray without the dashboard."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+        return
+    try:
+        ray.init(address="auto")
+    except ConnectionError:
+        ray.init(address="local", include_dashboard=False)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m jobs.caption", description=__doc__.split("\n\n")[0])
+    parser.add_argument("spec", help="YAML caption spec (see jobs/examples/caption_local.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a spec field, e.g. --set batch_size=16 --set generation.max_new_tokens=20")
+    parser.add_argument("--plan-only", action="store_true", help="check the spec and list the work; caption nothing")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pipelines.caption import execute_caption, format_summary, plan_caption
+
+    try:
+        spec = load_spec(CaptionSpec, args.spec, args.overrides)
+        plan = plan_caption(spec, claim=not args.plan_only)
+    except SpecError as exc:
+        print(f"caption: spec error: {exc}", file=sys.stderr)
+        return 2
+    todo_rows = sum(s.rows for s in plan.todo)
+    print(f"caption: {len(plan.shards)} shards, {len(plan.shards) - len(plan.todo)} already done, "
+          f"{len(plan.todo)} to do ({todo_rows} rows) → {plan.output.uri}", flush=True)
+    if args.plan_only:
+        for shard in plan.todo:
+            print(f"  {shard.uri} ({shard.rows} rows) → {shard.out.uri}")
+        return 0
+    if todo_rows:
+        ensure_ray()
+    summary = execute_caption(plan)
+    print(format_summary(summary), flush=True)
+    return 1 if summary["shards_failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Ray and storage: the caption pipeline, fine-tuning driver, data preparation."""
