@@ -14,8 +14,7 @@ import logging
 import sys
 
 from jobs.caption import ensure_ray
-from jobs.finetune_spec import FinetuneSpec
-from jobs.specs import SpecError, load_spec
+from jobs.specs import FinetuneSpec, SpecError, load_spec
 
 
 def main(argv: list[str] | None = None) -> int:

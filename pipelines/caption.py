@@ -21,7 +21,7 @@ import posixpath
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -36,7 +36,8 @@ from jobs.specs import CaptionSpec, SpecError, public_dump
 
 from .predictor import (ACTOR, IMAGE_BYTES, IMAGE_PATH, ROW, SHARD, CaptionPredictor, ModelRef, preprocess_batch,
                         resolve_model_ref)
-from .storage import Location, Storage, StorageError, glob_to_regex, is_glob, parquet_bytes, parse_uri
+from .shards import find_shards
+from .storage import Location, Storage, StorageError, parquet_bytes, parse_uri
 
 log = logging.getLogger(__name__)
 
@@ -75,29 +76,6 @@ def fingerprint(spec: CaptionSpec) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _list_shards(spec: CaptionSpec, storage: Storage) -> tuple[Location, list[Location], Callable[[str], bool]]:
-    """(base, shards, selects): a glob, a folder/prefix (every *.parquet below it) or one
-    file; `selects(rel)` tells whether a file at base/rel would be taken as input."""
-    if is_glob(spec.input):
-        cut = min(spec.input.find(c) for c in "*?[" if c in spec.input)
-        head = spec.input[:cut].rsplit("/", 1)[0] if "/" in spec.input[:cut] else "."
-        base = parse_uri(head)
-        rx = glob_to_regex(spec.input[len(head) :].lstrip("/"))
-        found = [f for f in storage.list_files(base) if rx.match(posixpath.relpath(f.path, base.path))]
-        return base, found, lambda rel: bool(rx.match(rel))
-    loc = parse_uri(spec.input.rstrip("/") if spec.input != "/" else spec.input)
-    if storage.is_dir(loc):
-
-        def selects(rel: str) -> bool:  # Hive/Spark convention: skip _SUCCESS, _temporary/, .crc
-            return rel.endswith(".parquet") and not any(p.startswith(("_", ".")) for p in rel.split("/"))
-
-        found = [f for f in storage.list_files(loc) if selects(posixpath.relpath(f.path, loc.path))]
-        return loc, found, selects
-    if loc.path.endswith(".parquet") and storage.exists(loc):
-        return Location(loc.scheme, posixpath.dirname(loc.path)), [loc], lambda rel: False
-    raise SpecError("input", f"nothing found at {loc.uri}; give a folder/prefix, a .parquet file or a glob")
-
-
 def _output_schema(spec: CaptionSpec, shard_schema: pa.Schema, uri: str) -> pa.Schema:
     names = shard_schema.names
     for col, fld in [(spec.image_column, "image_column")] + [(c, "id_columns") for c in spec.id_columns]:
@@ -122,7 +100,7 @@ def plan_caption(spec: CaptionSpec, *, claim: bool = True) -> CaptionPlan:
     except StorageError as exc:
         raise SpecError("storage", str(exc)) from None
     try:
-        base, found, selects = _list_shards(spec, storage)
+        base, found, selects = find_shards(spec.input, storage)
     except StorageError as exc:
         raise SpecError("input", str(exc)) from None
     try:

@@ -144,7 +144,7 @@ class TroLProcessor:
     def _pixels(self, image: Image.Image | np.ndarray | torch.Tensor) -> torch.Tensor:
         if isinstance(image, Image.Image):
             image = self.preprocess_image(image)
-        return torch.as_tensor(np.asarray(image, dtype=np.float32))
+        return torch.tensor(np.asarray(image, dtype=np.float32))  # a copy: inputs may be read-only
 
     # -- text ------------------------------------------------------------------------------
     def build_prompt(self, prompt: str, with_image: bool = True) -> str:
@@ -247,7 +247,7 @@ class TroLProcessor:
             labels[i, :n] = torch.tensor(enc["labels"])
             attention_mask[i, :n] = 1
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        present = [torch.as_tensor(np.asarray(p, dtype=np.float32)) for p in pixel_values if p is not None]
+        present = [torch.tensor(np.asarray(p, dtype=np.float32)) for p in pixel_values if p is not None]
         if present:
             batch["pixel_values"] = torch.stack(present)
         return batch
