@@ -71,7 +71,7 @@ def input_shards(folder: Path) -> dict[str, int]:
 def main() -> int:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     from jobs.caption import main as caption
-    from pipelines.prepare import parse_digit
+    from pipelines.prepare_digits import parse_digit
 
     model = trained_model()
     labels = input_shards(OUT / "inputs")
@@ -87,7 +87,8 @@ def main() -> int:
     rows = pq.read_table(sorted(glob.glob(str(captions / "*.parquet")))).to_pylist()
     print("\ncaptions:")
     for row in rows[: len(SAMPLES) + 12]:
-        print(f"  {row['id']:>12}: {row['caption'] or row['error']}")
+        text = repr(row["caption"]) if row["error"] is None else f"error: {row['error']}"
+        print(f"  {row['id']:>12}: {text}")
     scored = [r for r in rows if r["id"] in labels]
     right = sum(parse_digit(r["caption"] or "") == labels[r["id"]] for r in scored)
     print(f"\nheld-out digits captioned correctly: {right}/{len(scored)} ({right / max(len(scored), 1):.0%})")

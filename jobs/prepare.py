@@ -21,9 +21,9 @@ from pipelines.prepare import (
     DEFAULT_LLAVA_SHARD_ROWS,
     DEFAULT_TEST_FRACTION,
     PrepareError,
-    prepare_digits,
-    prepare_llava,
 )
+from pipelines.prepare_digits import prepare_digits
+from pipelines.prepare_llava import prepare_llava
 
 
 def _positive_int(text: str) -> int:

@@ -25,26 +25,19 @@ complete.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-import math
 import os
 import posixpath
 import re
-import time
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 
-from pipelines.storage import Location, Storage, StorageError, describe_error, parse_uri
+from .storage import Location, Storage, StorageError, describe_error, parse_uri
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +62,6 @@ SUMMARY_NAME = "_SUMMARY.json"
 # Files this module writes, relative to --output; the only ones --overwrite deletes.
 _OWN_FILE = re.compile(r"(?:(?:train|test)/)?part-\d{5,}\.parquet|_SUMMARY\.json")
 Resample = Literal["nearest", "bilinear"]
-_RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR}
-# How many LLaVA records are read and verified together; bounds memory to a few hundred images.
-_LOAD_CHUNK = 256
 
 CONVERSATIONS_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 LLAVA_SCHEMA = pa.schema(
@@ -190,7 +180,7 @@ class PrepareSummary:
 # --- Output -------------------------------------------------------------------------------
 
 
-def _open_output(uri: str) -> tuple[Storage, Location]:
+def open_output(uri: str) -> tuple[Storage, Location]:
     """Resolve --output (local folder, file:// or s3://bucket/prefix) through pipelines.storage.
 
     S3 endpoint, region and credentials come from the standard AWS variables/profile, as for
@@ -205,7 +195,7 @@ def _open_output(uri: str) -> tuple[Storage, Location]:
 
 
 @dataclass
-class _Output:
+class Output:
     storage: Storage
     root: Location
     uri: str
@@ -219,9 +209,9 @@ class _Output:
             raise PrepareError(f"--output: {exc}") from None
 
 
-def _prepare_output(uri: str, overwrite: bool) -> _Output:
+def prepare_output(uri: str, overwrite: bool) -> Output:
     """Open --output and make sure earlier shards cannot mix with this run's."""
-    storage, root = _open_output(uri)
+    storage, root = open_output(uri)
     if root.scheme == "file" and os.path.isfile(root.path):
         raise PrepareError(f"--output {uri!r} is a file; pass a folder (or s3:// prefix)")
     try:
@@ -248,7 +238,7 @@ def _prepare_output(uri: str, overwrite: bool) -> _Output:
     # The summary goes first: if deletion stops half-way, no stale "complete" marker remains.
     for entry in sorted(ours, key=lambda e: posixpath.basename(e.path) != SUMMARY_NAME):
         _delete(storage, entry)
-    return _Output(storage, root, uri)
+    return Output(storage, root, uri)
 
 
 def _delete(storage: Storage, loc: Location) -> None:
@@ -283,10 +273,10 @@ def _parquet_write_options(schema: pa.Schema) -> dict[str, Any]:
     }
 
 
-class _ShardSink:
+class ShardSink:
     """Collects rows and writes part-NNNNN.parquet files of `shard_rows` rows each."""
 
-    def __init__(self, out: _Output, prefix: str, schema: pa.Schema, shard_rows: int, max_shard_bytes: int) -> None:
+    def __init__(self, out: Output, prefix: str, schema: pa.Schema, shard_rows: int, max_shard_bytes: int) -> None:
         self.out = out
         self.prefix = prefix
         self.schema = schema
@@ -321,12 +311,12 @@ class _ShardSink:
         self._bytes = 0
 
 
-def _write_summary(out: _Output, summary: PrepareSummary) -> None:
+def write_summary(out: Output, summary: PrepareSummary) -> None:
     text = json.dumps(summary.to_dict(), indent=2, ensure_ascii=False) + "\n"
     out.write_bytes(SUMMARY_NAME, text.encode("utf-8"))
 
 
-def _check_shard_rows(shard_rows: int) -> None:
+def check_shard_rows(shard_rows: int) -> None:
     if isinstance(shard_rows, bool) or not isinstance(shard_rows, int) or shard_rows < 1:
         raise PrepareError(f"--shard-rows must be a positive whole number (got {shard_rows!r})")
 
@@ -378,307 +368,3 @@ def normalize_conversations(turns: Any, *, has_image: bool | None = None) -> lis
         if not has_image and count:
             raise InvalidRecord(f"text-only record contains {IMAGE_TOKEN} but names no image")
     return out
-
-
-# --- LLaVA-style JSON ----------------------------------------------------------------------
-
-
-def _iter_json_records(json_path: Path) -> Iterator[tuple[str, Any]]:
-    """Yield (where, record-or-InvalidRecord). A JSON array is loaded whole (it cannot be
-    parsed partially); anything else is read as JSON lines, one bad line never stopping
-    the rest. The format is sniffed from the content, as many .json files are JSON lines."""
-    try:
-        handle = open(json_path, encoding="utf-8-sig")
-    except OSError as exc:
-        raise PrepareError(
-            f"--json {str(json_path)!r} cannot be opened ({exc.strerror}); "
-            "pass an existing .json or .jsonl file"
-        ) from exc
-    with handle:
-        head = handle.read(4096).lstrip()
-        handle.seek(0)
-        if not head:
-            raise PrepareError(f"--json {str(json_path)!r} is empty; pass a file with LLaVA-style records")
-        if head.startswith("["):
-            try:
-                records = json.load(handle)
-            except json.JSONDecodeError as exc:
-                raise PrepareError(
-                    f"--json {str(json_path)!r} is not valid JSON ({exc.msg} at line {exc.lineno}, "
-                    f"column {exc.colno}); fix the file or convert it to JSON lines"
-                ) from exc
-            for i, record in enumerate(records, 1):
-                yield f"record {i}", record
-            return
-        for lineno, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                yield f"line {lineno}", json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield f"line {lineno}", InvalidRecord(f"not valid JSON ({exc.msg} at column {exc.colno})")
-
-
-def _parse_llava_record(record: Any) -> tuple[str, str | None, list[dict[str, str]]]:
-    if not isinstance(record, dict):
-        raise InvalidRecord(f"record is a {type(record).__name__}, not an object")
-    rid = record.get("id")
-    # Ids are required: inventing them would make two runs over edited files disagree.
-    if rid is None or (isinstance(rid, str) and not rid.strip()) or isinstance(rid, (dict, list)):
-        raise InvalidRecord("record has no usable 'id'")
-    image = record.get("image")
-    if isinstance(image, list):
-        if len(image) != 1:
-            raise InvalidRecord(f"record names {len(image)} images; only one image per record is supported")
-        image = image[0]
-    if image is not None and not isinstance(image, str):
-        raise InvalidRecord("'image' must be a relative path string")
-    image = image or None  # "" means text-only, as in some LLaVA exports
-    turns = normalize_conversations(record.get("conversations"), has_image=image is not None)
-    return str(rid), image, turns
-
-
-def _check_image_bytes(data: bytes) -> None:
-    """Decode the image once so a corrupt file is reported now, not mid-training."""
-    with Image.open(io.BytesIO(data)) as img:
-        if img.format == "JPEG":
-            # JPEG can decode at 1/8 scale: the whole stream is still read (truncation is
-            # caught) at a fraction of the cost.
-            img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
-        img.load()
-
-
-def _load_image(root: Path, rel: str) -> tuple[bytes | None, str | None]:
-    """(original encoded bytes, None) or (None, reason). Never raises for a bad file."""
-    if os.path.isabs(rel):
-        return None, "absolute path; 'image' must be relative to --images"
-    # Checked on the spelled path, not the resolved one: image folders are often symlinks
-    # into shared storage, which is fine; "../" climbing out of the folder is not.
-    path = Path(os.path.normpath(root / rel))
-    if not path.is_relative_to(root):
-        return None, "path leaves the --images folder"
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return None, "file not found"
-    except IsADirectoryError:
-        return None, "is a folder, not an image file"
-    except OSError as exc:
-        return None, f"cannot read ({exc.strerror or exc})"
-    if not data:
-        return None, "empty file"
-    try:
-        _check_image_bytes(data)
-    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, bomb errors, ...)
-        return None, f"cannot decode ({type(exc).__name__}: {exc})"
-    return data, None
-
-
-def prepare_llava(
-    json_path: str | os.PathLike[str],
-    images: str | os.PathLike[str] | None,
-    output: str,
-    *,
-    shard_rows: int = DEFAULT_LLAVA_SHARD_ROWS,
-    overwrite: bool = False,
-    workers: int | None = None,
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-) -> PrepareSummary:
-    """LLaVA-style JSON/JSONL + image folder -> OUTPUT/part-NNNNN.parquet (+ _SUMMARY.json).
-
-    Records keep their input order. Rows whose image is missing or cannot be decoded are
-    skipped and listed in `missing_images`; malformed records go to `invalid_records`.
-    Raises PrepareError for unusable arguments, or when no row at all could be written.
-    """
-    started = time.perf_counter()
-    _check_shard_rows(shard_rows)
-    json_file = Path(json_path).expanduser()
-    if not json_file.is_file():
-        raise PrepareError(f"--json {str(json_path)!r} is not a file; pass a LLaVA-style .json or .jsonl file")
-    root: Path | None = None
-    if images is not None:
-        root = Path(os.path.abspath(Path(images).expanduser()))
-        if not root.is_dir():
-            raise PrepareError(
-                f"--images {str(images)!r} is not a folder; pass the folder that the records' "
-                "'image' paths are relative to"
-            )
-    workers = workers or min(8, os.cpu_count() or 1)
-    out = _prepare_output(output, overwrite)
-    sink = _ShardSink(out, "", LLAVA_SCHEMA, shard_rows, max_shard_bytes)
-    summary = PrepareSummary(
-        dataset="llava",
-        output=output,
-        options={"json": str(json_path), "images": None if images is None else str(images), "shard_rows": shard_rows},
-    )
-
-    def write_chunk(chunk: list[tuple[str, str, str | None, list[dict[str, str]]]], pool: ThreadPoolExecutor) -> None:
-        # Reading and decoding run in threads (file I/O and PIL release the GIL); results
-        # come back in input order, so rows stay in the order of the JSON file.
-        loaded = pool.map(lambda c: _load_image(root, c[2]) if c[2] and root else (None, None), chunk)
-        for (where, rid, rel, turns), (data, problem) in zip(chunk, loaded):
-            if rel is not None and root is None:
-                problem = "record names an image but no --images folder was given"
-            if problem is not None:
-                summary.missing_images.append(SkippedRecord(where, rid, problem, rel))
-                continue
-            if data is None:
-                summary.text_only_rows += 1
-            row = {"id": rid, "image": data, "caption": None, "conversations": turns}
-            sink.add(row, len(data) if data else 0)
-
-    chunk: list[tuple[str, str, str | None, list[dict[str, str]]]] = []
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for where, record in _iter_json_records(json_file):
-            summary.records_read += 1
-            try:
-                if isinstance(record, InvalidRecord):
-                    raise record
-                rid, rel, turns = _parse_llava_record(record)
-            except InvalidRecord as exc:
-                guess = record.get("id") if isinstance(record, dict) else None
-                summary.invalid_records.append(SkippedRecord(where, None if guess is None else str(guess), str(exc)))
-                continue
-            chunk.append((where, rid, rel, turns))
-            if len(chunk) >= _LOAD_CHUNK:
-                write_chunk(chunk, pool)
-                chunk = []
-        write_chunk(chunk, pool)
-    sink.flush()
-    summary.shards = sink.shards
-    summary.seconds = time.perf_counter() - started
-    if summary.rows_written == 0:
-        problems = summary.missing_images + summary.invalid_records
-        first = f"; first problem: {problems[0].where}: {problems[0].reason}" if problems else ""
-        raise PrepareError(
-            f"no rows to write: {summary.records_read} records in --json {str(json_path)!r}, "
-            f"{len(summary.missing_images)} with missing/unreadable images, "
-            f"{len(summary.invalid_records)} invalid{first}. Check that --images is the folder "
-            "the 'image' paths are relative to"
-        )
-    _write_summary(out, summary)
-    return summary
-
-
-# --- Digits -------------------------------------------------------------------------------
-
-
-def digit_caption(label: int) -> str:
-    """0..9 -> "a handwritten digit zero" ... "a handwritten digit nine"."""
-    if not 0 <= int(label) <= 9:
-        raise ValueError(f"digit label must be 0..9 (got {label!r})")
-    return f"a handwritten digit {DIGIT_WORDS[int(label)]}"
-
-
-_DIGIT_RE = re.compile(r"\b(" + "|".join(DIGIT_WORDS) + r"|[0-9])\b", re.IGNORECASE)
-
-
-def parse_digit(text: str) -> int | None:
-    """The one digit a caption names (word or numeral), or None when it names none or
-    several different ones, so an evaluation never credits a hedged caption."""
-    found: set[int] = set()
-    for match in _DIGIT_RE.finditer(text):
-        token = match.group(1).lower()
-        found.add(int(token) if token.isdigit() else DIGIT_WORDS.index(token))
-    return found.pop() if len(found) == 1 else None
-
-
-def render_digit(pixels: np.ndarray, image_size: int = DEFAULT_IMAGE_SIZE, resample: Resample = "nearest") -> bytes:
-    """One 8x8 digit (values 0..16, 16 = full ink) -> PNG bytes of an RGB square.
-
-    Drawn as dark ink on white like handwriting on paper. "nearest" keeps every source
-    pixel as an exact block, so the original 8x8 grid can be read back from the image.
-    """
-    ink = np.clip(np.asarray(pixels, dtype=np.float64), 0.0, 16.0) * (255.0 / 16.0)
-    gray = Image.fromarray(np.rint(255.0 - ink).astype(np.uint8))
-    rgb = gray.resize((image_size, image_size), resample=_RESAMPLE[resample]).convert("RGB")
-    buf = io.BytesIO()
-    rgb.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def split_digits(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic stratified split of row indices -> (train, test); same seed, same split."""
-    from sklearn.model_selection import train_test_split
-
-    indices = np.arange(len(labels))
-    train, test = train_test_split(
-        indices, test_size=test_fraction, random_state=seed, shuffle=True, stratify=labels
-    )
-    return np.asarray(train), np.asarray(test)
-
-
-def prepare_digits(
-    output: str,
-    *,
-    shard_rows: int = DEFAULT_DIGITS_SHARD_ROWS,
-    image_size: int = DEFAULT_IMAGE_SIZE,
-    test_fraction: float = DEFAULT_TEST_FRACTION,
-    seed: int = 0,
-    resample: Resample = "nearest",
-    overwrite: bool = False,
-) -> PrepareSummary:
-    """scikit-learn's 1797 digits -> OUTPUT/train/ and OUTPUT/test/ shards (+ _SUMMARY.json).
-
-    Ids are "digits-NNNN" after the row in scikit-learn's array, so they are stable across
-    seeds. Rows within each split are in the split's shuffled order.
-    """
-    started = time.perf_counter()
-    from sklearn.datasets import load_digits
-
-    _check_shard_rows(shard_rows)
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or not 8 <= image_size <= 4096:
-        raise PrepareError(f"--image-size must be a whole number of pixels from 8 to 4096 (got {image_size!r})")
-    if resample not in _RESAMPLE:
-        raise PrepareError(f"--resample must be one of {sorted(_RESAMPLE)} (got {resample!r})")
-    digits = load_digits()
-    images: np.ndarray = digits.images
-    labels = np.asarray(digits.target, dtype=np.int64)
-    n_classes = len(np.unique(labels))
-    fraction_ok = not isinstance(test_fraction, bool) and isinstance(test_fraction, (int, float))
-    # A stratified split needs every class on both sides; scikit-learn rounds the test size up.
-    n_test = math.ceil(test_fraction * len(labels)) if fraction_ok else 0
-    if not fraction_ok or not n_classes <= n_test <= len(labels) - n_classes:
-        low, high = n_classes / len(labels), 1 - n_classes / len(labels)
-        raise PrepareError(
-            f"--test-fraction must put at least {n_classes} of the {len(labels)} images on each "
-            f"side of the stratified split, i.e. lie between about {low:.3f} and {high:.3f} "
-            f"(got {test_fraction!r})"
-        )
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
-        raise PrepareError(f"--seed must be a whole number from 0 to 2**32-1 (got {seed!r})")
-    out = _prepare_output(output, overwrite)
-    summary = PrepareSummary(
-        dataset="digits",
-        output=output,
-        options={
-            "image_size": image_size,
-            "test_fraction": test_fraction,
-            "seed": seed,
-            "resample": resample,
-            "shard_rows": shard_rows,
-        },
-    )
-    train, test = split_digits(labels, test_fraction, seed)
-    for split, indices in (("train", train), ("test", test)):
-        sink = _ShardSink(out, split, DIGITS_SCHEMA, shard_rows, DEFAULT_MAX_SHARD_BYTES)
-        for i in indices:
-            png = render_digit(images[i], image_size, resample)
-            caption = digit_caption(int(labels[i]))
-            row = {
-                "id": f"digits-{int(i):04d}",
-                "image": png,
-                "label": int(labels[i]),
-                "caption": caption,
-                "conversations": [
-                    {"role": "user", "content": DIGIT_PROMPT},
-                    {"role": "assistant", "content": caption},
-                ],
-            }
-            sink.add(row, len(png))
-        sink.flush()
-        summary.shards.extend(sink.shards)
-    summary.records_read = len(labels)
-    summary.seconds = time.perf_counter() - started
-    _write_summary(out, summary)
-    return summary

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from jobs.specs import CaptionSpec, FinetuneSpec, SpecError, build_spec
 from pipelines.finetune import FAULT_ENV, format_finetune_summary, run_finetune
-from pipelines.prepare import parse_digit, prepare_digits
+from pipelines.prepare_digits import parse_digit, prepare_digits
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

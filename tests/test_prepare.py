@@ -28,13 +28,10 @@ from pipelines.prepare import (
     SUMMARY_NAME,
     InvalidRecord,
     PrepareError,
-    digit_caption,
     normalize_conversations,
-    parse_digit,
-    prepare_digits,
-    prepare_llava,
-    split_digits,
 )
+from pipelines.prepare_digits import digit_caption, parse_digit, prepare_digits, split_digits
+from pipelines.prepare_llava import prepare_llava
 
 REPO = Path(__file__).resolve().parents[1]
 
