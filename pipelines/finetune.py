@@ -133,8 +133,8 @@ def format_finetune_summary(summary: dict[str, Any]) -> str:
         f"fine-tuned {summary['name']}: {summary['steps']} steps, stage {summary['stage']}, {summary['workers']} workers",
         f"  final loss {last.get('loss', float('nan')):.4f}"
         + (f", eval loss {last['eval_loss']:.4f}" if last.get("eval_loss") is not None else ""),
-        f"  {last.get('tokens_per_s', 0):.0f} tokens/s, {last.get('step_time_s', 0):.3f} s/step, "
-        f"{summary.get('wall_seconds', 0)} s wall",
+        f"  {summary['mean_tokens_per_s']:.0f} tokens/s over {summary['train_seconds']} s of steps "
+        f"({summary['tokens_seen']} tokens), {summary.get('wall_seconds', 0)} s wall",
         f"  model: {summary['model']}",
         f"  loss curve: {summary['loss_curve']}",
     ]
@@ -254,6 +254,8 @@ def train_loop(config: dict[str, Any]) -> None:
         nonlocal last
         entry = meter.flush(state.step, scheduler.get_last_lr()[0])
         if entry:
+            state.tokens_seen += int(entry.pop("tokens"))
+            state.train_seconds += entry.pop("seconds")
             last = entry
             state.history.append(entry)
             if rank == 0:
@@ -374,4 +376,6 @@ def _export(model, full_state, processor, spec: FinetuneSpec, storage: Storage, 
         "epochs_started": state.epoch + 1, "model": run_dir.join(MODEL_SUBDIR).uri,
         "loss_curve": run_dir.join("loss_curve.png").uri, "final_metrics": metrics,
         "history": state.history, "resumed_from": state.resumed_from, "data": state.data,
+        "tokens_seen": state.tokens_seen, "train_seconds": round(state.train_seconds, 1),
+        "mean_tokens_per_s": state.tokens_seen / max(state.train_seconds, 1e-9),
     })

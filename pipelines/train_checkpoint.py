@@ -30,6 +30,8 @@ class TrainState:
     history: list[dict[str, float]] = field(default_factory=list)
     resumed_from: list[int] = field(default_factory=list)
     data: dict[str, int] = field(default_factory=dict)
+    tokens_seen: int = 0  # all workers, this run and the runs it resumed
+    train_seconds: float = 0.0  # wall time in optimizer steps (data loading included)
 
 
 def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -49,4 +49,6 @@ class StepMeter:
             "lr": lr,
             "tokens_per_s": tokens / per_worker_seconds,  # all workers' tokens over wall time
             "step_time_s": per_worker_seconds / max(steps / self.world, 1),
+            "tokens": tokens,
+            "seconds": per_worker_seconds,
         }
