@@ -65,7 +65,8 @@ def _read(shards: list[Location], storage: Storage, columns: list[str]):
 
     fs = storage.filesystem(shards[0])
     present = set(pq.read_schema(shards[0].path, filesystem=fs).names)
-    return ray.data.read_parquet([s.path for s in shards], filesystem=fs, columns=[c for c in columns if c in present])
+    return ray.data.read_parquet([s.path for s in shards], filesystem=fs).select_columns(
+        [c for c in columns if c in present])
 
 
 def run_finetune(spec: FinetuneSpec) -> dict[str, Any]:
