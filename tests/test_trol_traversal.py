@@ -130,3 +130,29 @@ def test_wrapped_layer_is_two_passes_of_the_same_layer_then_mix(backbone):
         cache = TroLCache(config=model.config.text_config)
         torch.testing.assert_close(wrapped(x, cache=cache, **kwargs), expected)
         assert cache.get_seq_length(0) == cache.traversal.get_seq_length(0) == 6
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_prefill_mode_chunk_after_a_cache_attends_to_cached_first_pass_and_stores_nothing(backbone):
+    model, _ = tiny(backbone, traversal="prefill")
+    decoder = model.language_model.get_decoder()
+    wrapped = decoder.layers[1]
+    d = model.config.text_config.hidden_size
+    past, chunk = torch.randn(1, 5, d), torch.randn(1, 3, d)
+    with torch.no_grad():
+        cache = TroLCache(config=model.config.text_config)
+        pos = torch.arange(5)[None]
+        wrapped(past, cache=cache, position_ids=pos, position_embeddings=decoder.rotary_emb(past, position_ids=pos),
+                attention_mask=None)
+        assert cache.get_seq_length(1) == 5 and cache.traversal.get_seq_length(1) == 0
+        pos = torch.arange(5, 8)[None]
+        kwargs = dict(position_ids=pos, position_embeddings=decoder.rotary_emb(chunk, position_ids=pos),
+                      attention_mask=torch.ones(1, 1, 3, 8, dtype=torch.bool).tril(5))
+        before = copy.deepcopy(cache)
+        out = wrapped(chunk, cache=cache, **kwargs)
+        # reference: first pass on a copy, second pass on a throwaway copy of the earlier cache
+        h1 = wrapped.layer(chunk, cache=copy.deepcopy(before), **kwargs)
+        h2 = wrapped.layer(h1, cache=copy.deepcopy(before), **kwargs)
+        torch.testing.assert_close(out, wrapped.mixer(h1, h2))
+        assert cache.get_seq_length(1) == 8, "the first pass is cached"
+        assert cache.traversal.get_seq_length(1) == 0, "the second pass is not"
