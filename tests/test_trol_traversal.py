@@ -156,3 +156,14 @@ def test_prefill_mode_chunk_after_a_cache_attends_to_cached_first_pass_and_store
         torch.testing.assert_close(out, wrapped.mixer(h1, h2))
         assert cache.get_seq_length(1) == 8, "the first pass is cached"
         assert cache.traversal.get_seq_length(1) == 0, "the second pass is not"
+
+
+def test_full_mode_beam_search_reorders_both_caches():
+    model, processor = tiny("llama", traversal="full")
+    text, imgs = mixed_batch(processor)
+    batch = processor(text=text, images=imgs)
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, num_beams=3, do_sample=False, eos_token_id=None)
+    with torch.no_grad():
+        cached = model.generate(**batch, use_cache=True, **kwargs)
+        recomputed = model.generate(**batch, use_cache=False, **kwargs)
+    assert torch.equal(cached, recomputed)
