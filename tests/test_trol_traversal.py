@@ -162,7 +162,7 @@ def test_full_mode_beam_search_reorders_both_caches():
     model, processor = tiny("llama", traversal="full")
     text, imgs = mixed_batch(processor)
     batch = processor(text=text, images=imgs)
-    kwargs = dict(max_new_tokens=6, min_new_tokens=6, num_beams=3, do_sample=False, eos_token_id=None)
+    kwargs = dict(max_new_tokens=12, min_new_tokens=12, num_beams=4, do_sample=False, eos_token_id=None)
     with torch.no_grad():
         cached = model.generate(**batch, use_cache=True, **kwargs)
         recomputed = model.generate(**batch, use_cache=False, **kwargs)
