@@ -167,3 +167,26 @@ def test_full_mode_beam_search_reorders_both_caches():
         cached = model.generate(**batch, use_cache=True, **kwargs)
         recomputed = model.generate(**batch, use_cache=False, **kwargs)
     assert torch.equal(cached, recomputed)
+
+
+@pytest.mark.parametrize("traversal", ["full", "prefill"])
+def test_sliding_window_layers_with_assisted_decoding(traversal):
+    """Prompt-lookup decoding crops the caches and extends them several tokens at a time."""
+    from trol import TroLForConditionalGeneration
+
+    _, processor = tiny("qwen2", traversal=traversal)
+    config = copy.deepcopy(_.config)
+    text = config.text_config
+    text.use_sliding_window, text.sliding_window = True, 4
+    text.layer_types = ["sliding_attention"] * text.num_hidden_layers
+    torch.manual_seed(0)
+    model = TroLForConditionalGeneration(config).eval()
+    batch = processor(text=[processor.build_prompt("a a b a a b a a b", with_image=False)])
+    kwargs = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, eos_token_id=None)
+    with torch.no_grad():
+        assisted = model.generate(**batch, prompt_lookup_num_tokens=3, **kwargs)
+        plain = model.generate(**batch, **kwargs)
+        recomputed = model.generate(**batch, use_cache=False, **kwargs)
+    assert assisted.shape == plain.shape == recomputed.shape
+    if traversal == "full":  # "prefill" traverses multi-token verification passes: outputs may differ
+        assert torch.equal(assisted, plain) and torch.equal(plain, recomputed)

@@ -90,8 +90,13 @@ class TroLForConditionalGeneration(TroLPreTrainedModel, GenerationMixin):
             if input_ids is None:
                 raise ValueError("pass input_ids (with pixel_values for images) or inputs_embeds")
             inputs_embeds = self.embed(input_ids, pixel_values)
-        if use_cache is None:
-            use_cache = self.config.text_config.use_cache and not self.training
+        if kwargs.get("output_hidden_states") and self.config.traversal != "off":
+            raise ValueError(
+                "output_hidden_states is not supported while layers are traversed (each layer runs "
+                "twice); use set_traversal('off') or a forward hook on TroLDecoderLayer"
+            )
+        if use_cache is None:  # a loss (training or eval) needs no cache
+            use_cache = self.config.text_config.use_cache and not self.training and labels is None
         if use_cache and cache is None:
             cache = TroLCache(config=self.config.text_config)
         return self.language_model(

@@ -202,6 +202,8 @@ class TroLProcessor:
         image tokens or leave no assistant token to learn from, returns None (drop the row).
         """
         turns = [dict(t) for t in turns]
+        if any(self.image_token in t["content"] for t in turns if t["role"] != "user"):
+            raise ValueError(f"{self.image_token} may only appear in a user turn")
         n_placeholders = sum(t["content"].count(self.image_token) for t in turns)
         if has_image and n_placeholders == 0:
             first_user = next((t for t in turns if t["role"] == "user"), None)

@@ -123,7 +123,8 @@ def quantization_config(bits: int | None):
         bnb_4bit_quant_type="nf4",
         bnb_4bit_compute_dtype=torch.bfloat16,
         bnb_4bit_use_double_quant=True,
-        llm_int8_skip_modules=["vision", "mixer", "lm_head"],
+        # Matched as name prefixes or suffixes: the mixer's linear is "...mixer.gate_linear".
+        llm_int8_skip_modules=["vision", "gate_linear", "lm_head"],
     )
 
 

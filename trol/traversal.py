@@ -20,54 +20,61 @@ class TroLCache(DynamicCache):
 
     The model and its mask code only see the first-pass cache; the wrapper hands
     `.traversal` to the second pass. Every cache operation generation uses (beam reorder,
-    crop, batch expansion) is applied to both so they stay the same length.
+    crop, batch expansion, past recording) is applied to both so they stay aligned; in
+    "prefill"/"off" mode the traversal cache stays empty and is left alone.
     """
 
     def __init__(self, config=None, **kwargs):
         super().__init__(config=config, **kwargs)
         self.traversal = DynamicCache(config=config)
 
+    def _traversal_in_use(self) -> bool:
+        return any(getattr(layer, "is_initialized", False) for layer in self.traversal.layers)
+
     def reset(self) -> None:
         super().reset()
-        self.traversal.reset()
+        if self._traversal_in_use():
+            self.traversal.reset()
+
+    def activate_past_recording(self) -> None:
+        super().activate_past_recording()
+        self.traversal.activate_past_recording()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
-        self.traversal.reorder_cache(beam_idx)
+        if self._traversal_in_use():
+            self.traversal.reorder_cache(beam_idx)
 
     def crop(self, tokens_to_remove: int) -> None:
         super().crop(tokens_to_remove)
-        self.traversal.crop(tokens_to_remove)
+        if self._traversal_in_use():
+            self.traversal.crop(tokens_to_remove)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
-        self.traversal.batch_repeat_interleave(repeats)
+        if self._traversal_in_use():
+            self.traversal.batch_repeat_interleave(repeats)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
-        self.traversal.batch_select_indices(indices)
+        if self._traversal_in_use():
+            self.traversal.batch_select_indices(indices)
 
 
 class _PastPrefix:
     """A read-only view for a "prefill"-mode second pass that extends a non-empty cache.
 
-    The second pass attends to the cached first-pass K/V of earlier tokens plus its own K/V
-    for the current tokens, and stores nothing (the released behaviour never caches it).
+    The second pass attends to what the first pass saw of earlier tokens (the cached
+    first-pass K/V, as stored before this step; for a sliding-window layer that is its
+    window) plus its own K/V for the current tokens, and stores nothing: the released
+    behaviour never caches the second pass.
     """
 
-    def __init__(self, cache: DynamicCache, past_length: int):
-        self.cache, self.past_length = cache, past_length
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        self.keys, self.values = keys, values
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        layer = self.cache.layers[layer_idx]
-        if getattr(layer, "is_sliding", False):
-            raise ValueError(
-                "traversal='prefill' cannot extend a sliding-window cache by several tokens; "
-                "use traversal='full'"
-            )
-        keys = torch.cat([layer.keys[..., : self.past_length, :], key_states], dim=-2)
-        values = torch.cat([layer.values[..., : self.past_length, :], value_states], dim=-2)
-        return keys, values
+        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
 
 
 class TroLDecoderLayer(nn.Module):
@@ -93,6 +100,10 @@ class TroLDecoderLayer(nn.Module):
         if self.traversal == "off":
             return self.layer(hidden_states, *args, cache=cache, **kwargs)
         past_length = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+        if past_length and self.traversal == "prefill":
+            # Cache layers replace (never mutate) their tensors, so these stay "before this step".
+            stored = cache.layers[self.layer_idx]
+            past = _PastPrefix(stored.keys, stored.values)
         h1 = self.layer(hidden_states, *args, cache=cache, **kwargs)
 
         if self.traversal == "full":
@@ -105,7 +116,7 @@ class TroLDecoderLayer(nn.Module):
         else:  # prefill: a cached one-token decode step runs the layer once
             if cache is not None and past_length > 0 and hidden_states.shape[1] == 1:
                 return h1
-            second_cache = _PastPrefix(cache, past_length) if past_length > 0 else None
+            second_cache = past if past_length > 0 else None
         h2 = self.layer(h1, *args, cache=second_cache, **kwargs)
         return self.mixer(h1, h2)
 
