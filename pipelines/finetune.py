@@ -20,8 +20,9 @@ from jobs.specs import FinetuneSpec, SpecError
 from .predictor import materialize_model, resolve_model_ref
 from .shards import find_shards
 from .storage import Location, Storage, StorageError, parse_uri
-from .train_checkpoint import TrainState, export_model, load_checkpoint, save_checkpoint, write_loss_curve
-from .train_data import DataCounters, RowFormat, arrow_rows, model_batches
+from .train_checkpoint import (ADAPTER_DIR, TrainState, export_model, load_checkpoint, save_checkpoint,
+                               write_loss_curve)
+from .train_data import COUNTER_NAMES, DataCounters, RowFormat, arrow_rows, model_batches
 from .train_metrics import StepMeter, all_reduce
 
 MODEL_SUBDIR = "model"
@@ -53,7 +54,8 @@ def _check_data(uri: str, field: str, spec: FinetuneSpec, storage: Storage) -> t
 
 
 def plan_steps(spec: FinetuneSpec, train_rows: int) -> int:
-    """Optimizer steps for the whole run (the cosine schedule's length)."""
+    """Optimizer steps for the whole run: the limit for max_steps runs, an upper estimate
+    (the cosine schedule's length) for epoch runs, which end when their epochs do."""
     if spec.max_steps:
         return spec.max_steps
     per_step = spec.batch_size * spec.workers * spec.grad_accum
@@ -162,17 +164,49 @@ def _build_model(spec: FinetuneSpec, path: str, quantize: bool = True):
     from trol import TroLForConditionalGeneration, TroLProcessor
     from trol.training import LoraSettings, prepare_for_stage, quantization_config
 
+    from trol.training import apply_saved_adapter
+
+    bits = spec.quantize if quantize else None
     model = TroLForConditionalGeneration.from_pretrained(
-        path, dtype=torch.float32, quantization_config=quantization_config(spec.quantize if quantize else None))
+        path, dtype=torch.float32, quantization_config=quantization_config(bits))
+    adapter = os.path.join(path, ADAPTER_DIR)
+    if os.path.isfile(os.path.join(adapter, "adapter_config.json")):  # a keep_adapter export as base
+        if bits:
+            raise ValueError(f"{path} keeps a LoRA adapter beside its base; a 4-bit base cannot absorb it. "
+                             "Export that run with keep_adapter: false, then use it as base_model")
+        apply_saved_adapter(model, adapter)
     lora = LoraSettings(**spec.lora.model_dump())
     prepare_for_stage(model, spec.stage, lora)
     return model, TroLProcessor.from_pretrained(path)
 
 
-def _full_state(model) -> dict:
+def _strategy_kwargs(spec: FinetuneSpec, device) -> dict[str, Any]:
+    if spec.strategy == "ddp":
+        # Rows without an image leave the vision side unused in that step.
+        return {"find_unused_parameters": True}
+    import functools
+
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    from trol import TroLDecoderLayer
+
+    # One FSDP unit per traversed decoder layer; the vision side stays in the root unit, so a
+    # rank whose batch has no image still joins every all-gather. use_orig_params allows
+    # frozen and trainable parameters in one unit (stages 1 and 2).
+    return {
+        "auto_wrap_policy": functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={TroLDecoderLayer}),
+        "use_orig_params": True,
+        "device_id": device,
+    }
+
+
+def _trained_state(model, spec: FinetuneSpec, trainable: set[str]) -> dict:
+    """What a checkpoint must hold: everything for stage "full"; for stages 1 and 2 only
+    the trained parameters (the frozen base is base_model itself, even when 4-bit)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return state if spec.stage == "full" else {k: v for k, v in state.items() if k in trainable}
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -181,7 +215,8 @@ def train_loop(config: dict[str, Any]) -> None:
     import torch
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict)
-    from transformers import get_cosine_schedule_with_warmup
+
+    from trol.training import cosine_with_warmup
 
     spec = FinetuneSpec.model_validate(config["spec"])
     storage: Storage = config["storage"]
@@ -197,20 +232,20 @@ def train_loop(config: dict[str, Any]) -> None:
     if spec.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    strategy_kwargs = {"find_unused_parameters": True} if spec.strategy == "ddp" else {}
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     model = ray.train.torch.prepare_model(model, parallel_strategy=spec.strategy,
-                                          parallel_strategy_kwargs=strategy_kwargs)
+                                          parallel_strategy_kwargs=_strategy_kwargs(spec, device))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, spec.warmup_steps, total_steps)
+    scheduler = cosine_with_warmup(optimizer, spec.warmup_steps, total_steps)
 
     state = TrainState()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
             model_state, optim_state, sched_state, state = load_checkpoint(directory)
-        full = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(model, model_state, options=full)
+        set_model_state_dict(model, model_state,
+                             options=StateDictOptions(full_state_dict=True, strict=spec.stage == "full"))
         # Parameters that never got a gradient (e.g. vision layers after the feature layer)
         # have no optimizer state yet; they simply start fresh, as they would have.
         set_optimizer_state_dict(model, optimizer, optim_state,
@@ -221,14 +256,18 @@ def train_loop(config: dict[str, Any]) -> None:
     fmt = RowFormat(spec.image_column, spec.conversations_column, spec.caption_column, spec.prompt,
                     spec.max_length, spec.length_policy)
     counters = DataCounters()
+    if rank == 0:  # a resumed run keeps counting from its checkpoint (summed once, not per worker)
+        counters.counts.update(state.data)
     train_shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard("eval") if spec.eval_data else None
 
     def batches(shard, epoch: int):
+        """Training batches of one epoch, or (epoch < 0) evaluation batches, counted apart."""
         raw = shard.iter_batches(batch_size=spec.batch_size, batch_format="pyarrow",
                                  local_shuffle_buffer_size=None if epoch < 0 else spec.batch_size * 8,
                                  local_shuffle_seed=None if epoch < 0 else spec.seed + 1000 * epoch + rank)
-        for batch in model_batches(arrow_rows(raw), processor, fmt, spec.batch_size, counters):
+        counted = counters if epoch >= 0 else DataCounters()
+        for batch in model_batches(arrow_rows(raw), processor, fmt, spec.batch_size, counted, storage):
             yield {k: v.to(device) for k, v in batch.items()}
 
     def evaluate() -> float | None:
@@ -241,7 +280,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 batch = next(it, None)
                 if all_reduce([1.0 if batch else 0.0], "min")[0] == 0:  # every worker steps together
                     break
-                total += model(**batch).loss.item()
+                total += model(**batch, use_cache=False).loss.item()
                 count += 1
         model.train()
         total, count = all_reduce([total, float(count)])
@@ -269,10 +308,9 @@ def train_loop(config: dict[str, Any]) -> None:
         eval_loss = evaluate()
         if eval_loss is not None and state.history:
             state.history[-1]["eval_loss"] = eval_loss
-        names = sorted(counters.counts)
-        state.data = {k: int(v) for k, v in zip(names, all_reduce([counters.counts[k] for k in names]))}
+        state.data = {k: int(v) for k, v in zip(COUNTER_NAMES, all_reduce(counters.values()))}
         metrics = {**last, "step": state.step, "epoch": state.epoch, "eval_loss": eval_loss, **state.data}
-        full_state = _full_state(model)
+        full_state = _trained_state(model, spec, trainable)
         optim_state = get_optimizer_state_dict(
             model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         with tempfile.TemporaryDirectory() as directory:
@@ -285,7 +323,11 @@ def train_loop(config: dict[str, Any]) -> None:
             exported = True
             _export(model, full_state, processor, spec, storage, config, state, metrics, model_path)
 
-    done = state.step >= total_steps
+    def finished() -> bool:
+        # epochs: the step count is only the schedule's estimate; max_steps: it is the limit.
+        return state.epoch >= spec.epochs if spec.epochs else state.step >= total_steps
+
+    done = finished()
     while not done:
         it = iter(batches(train_shard, state.epoch))
         for _ in range(state.batches_in_epoch):  # resume inside an epoch: skip what was trained
@@ -301,7 +343,10 @@ def train_loop(config: dict[str, Any]) -> None:
                     loss = model(**batch).loss
                 (loss / spec.grad_accum).backward()
                 meter.add_micro_batch(loss.item(), int(batch["attention_mask"].sum()))
-            torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
+            if hasattr(model, "clip_grad_norm_"):  # FSDP: the norm over all shards, not this rank's
+                model.clip_grad_norm_(spec.max_grad_norm)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -310,7 +355,7 @@ def train_loop(config: dict[str, Any]) -> None:
             meter.add_step(time.perf_counter() - started)
             if config["fault_at_step"] == state.step and rank == world - 1:
                 _inject_fault(config)
-            done = state.step >= total_steps
+            done = not spec.epochs and state.step >= total_steps
             if done or state.step % spec.checkpoint_every == 0:
                 checkpoint_and_report(final=done)
             elif state.step % spec.log_every == 0:
@@ -321,13 +366,13 @@ def train_loop(config: dict[str, Any]) -> None:
             raise RuntimeError("no usable training rows: every row was dropped (see the data counters)")
         state.epoch += 1
         state.batches_in_epoch = 0
-        if spec.epochs and state.epoch >= spec.epochs and not done:
+        if not done and finished():
             done = True
             checkpoint_and_report(final=True)
     if not exported:
         # A rerun of a finished run (or one that stopped after its last checkpoint): the
         # loop had nothing left to do, but the final folder must still exist.
-        _export(model, _full_state(model), processor, spec, storage, config, state, {}, model_path)
+        _export(model, _trained_state(model, spec, trainable), processor, spec, storage, config, state, {}, model_path)
 
 
 def _inject_fault(config: dict[str, Any]) -> None:
@@ -349,18 +394,12 @@ def _export(model, full_state, processor, spec: FinetuneSpec, storage: Storage, 
 
     if ray.train.get_context().get_world_rank() != 0:
         return
-    from trol.training import is_lora_parameter, is_stage1_parameter
-
+    # The full-precision base (with adapters for stage 2) plus what was trained is the model;
+    # under QLoRA the 4-bit copy of the base was only a stand-in for it.
     plain, _ = _build_model(spec, model_path, quantize=False)
-    if spec.quantize:
-        # QLoRA froze the base: the full-precision base plus what was trained is the model.
-        trained = {k: v for k, v in full_state.items() if is_lora_parameter(k) or is_stage1_parameter(k)}
-        missing = set(trained) - set(plain.state_dict())
-        if missing:
-            raise ValueError(f"trained weights do not fit the base model: {sorted(missing)[:3]}")
-        plain.load_state_dict(trained, strict=False)
-    else:
-        plain.load_state_dict(full_state, strict=True)
+    result = plain.load_state_dict(full_state, strict=spec.stage == "full")
+    if result.unexpected_keys:
+        raise ValueError(f"trained weights do not fit the base model: {sorted(result.unexpected_keys)[:3]}")
     run_dir = parse_uri(config["run_dir"])
     with tempfile.TemporaryDirectory() as directory:
         model_dir = os.path.join(directory, MODEL_SUBDIR)
@@ -374,7 +413,8 @@ def _export(model, full_state, processor, spec: FinetuneSpec, storage: Storage, 
                     storage.write_bytes(run_dir.join(rel), f.read())
     storage.write_json(run_dir.join("training_summary.json"), {
         "name": spec.name, "stage": spec.stage, "workers": spec.workers, "steps": state.step,
-        "epochs_started": state.epoch + 1, "model": run_dir.join(MODEL_SUBDIR).uri,
+        "epochs": state.epoch,  # completed epochs
+        "model": run_dir.join(MODEL_SUBDIR).uri,
         "loss_curve": run_dir.join("loss_curve.png").uri, "final_metrics": metrics,
         "history": state.history, "resumed_from": state.resumed_from, "data": state.data,
         "tokens_seen": state.tokens_seen, "train_seconds": round(state.train_seconds, 1),

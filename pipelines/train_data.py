@@ -1,7 +1,7 @@
 """Training rows → model batches, on each Ray Train worker.
 
-A row has an image cell (bytes or path, may be null for text-only rows) and either a
-`conversations` list or a `caption` string. Bad rows are dropped and counted, never fatal:
+A row has an image cell (bytes, an absolute path or an s3:// URI; null for text-only
+rows) and either a `conversations` list or a `caption` string. Bad rows are dropped and counted, never fatal:
 an image that does not decode, a conversation that does not parse, or a sequence over the
 length limit under the "drop" policy (or one that cannot be truncated without cutting the
 image, under "truncate").
@@ -16,6 +16,7 @@ from typing import Any
 
 from .images import load_image
 from .prepare import InvalidRecord, normalize_conversations
+from .storage import Storage
 
 
 @dataclass
@@ -29,14 +30,23 @@ class RowFormat:
     max_image_pixels: int = 50_000_000
 
 
+COUNTER_NAMES = ("rows_used", "truncated", "dropped_bad_image", "dropped_bad_text", "dropped_too_long")
+
+
 @dataclass
 class DataCounters:
-    """What happened to the rows a worker read (summed across workers for metrics)."""
+    """What happened to the training rows a worker read. Every worker holds every name, so
+    summing them across workers is one fixed-size collective."""
 
-    counts: Counter = field(default_factory=Counter)
+    counts: Counter = field(default_factory=lambda: Counter({name: 0 for name in COUNTER_NAMES}))
 
     def add(self, key: str, n: int = 1) -> None:
+        if key not in COUNTER_NAMES:
+            raise KeyError(f"unknown data counter {key!r}")
         self.counts[key] += n
+
+    def values(self) -> list[float]:
+        return [float(self.counts[name]) for name in COUNTER_NAMES]
 
 
 def row_turns(row: dict[str, Any], fmt: RowFormat, has_image: bool) -> list[dict[str, str]]:
@@ -49,28 +59,29 @@ def row_turns(row: dict[str, Any], fmt: RowFormat, has_image: bool) -> list[dict
     raise InvalidRecord(f"neither {fmt.conversations_column!r} nor {fmt.caption_column!r} holds text")
 
 
-def encode_row(row: dict[str, Any], processor: Any, fmt: RowFormat, counters: DataCounters):
+def encode_row(row: dict[str, Any], processor: Any, fmt: RowFormat, counters: DataCounters,
+               storage: Storage | None = None):
     """One row → (encoding, pixel array or None), or None when the row is dropped."""
     cell = row.get(fmt.image_column)
     pixels = None
     if cell is not None:
-        image, error = load_image(cell, max_pixels=fmt.max_image_pixels)
+        image, error = load_image(cell, max_pixels=fmt.max_image_pixels, storage=storage)
         if image is None:
             counters.add("dropped_bad_image")
             return None
         pixels = processor.preprocess_image(image)
+    has_image = pixels is not None
     try:
-        turns = row_turns(row, fmt, has_image=pixels is not None)
-    except InvalidRecord:
+        turns = row_turns(row, fmt, has_image=has_image)
+        if fmt.length_policy == "truncate":
+            encoding = processor.encode_conversation(turns, has_image=has_image, max_length=fmt.max_length)
+        else:
+            encoding = processor.encode_conversation(turns, has_image=has_image)
+            if encoding is not None and len(encoding["input_ids"]) > fmt.max_length:
+                encoding = None
+    except ValueError:  # InvalidRecord included: unparsable turns, misplaced <image>
         counters.add("dropped_bad_text")
         return None
-    has_image = pixels is not None
-    if fmt.length_policy == "truncate":
-        encoding = processor.encode_conversation(turns, has_image=has_image, max_length=fmt.max_length)
-    else:
-        encoding = processor.encode_conversation(turns, has_image=has_image)
-        if encoding is not None and len(encoding["input_ids"]) > fmt.max_length:
-            encoding = None
     if encoding is None:
         counters.add("dropped_too_long")
         return None
@@ -81,12 +92,13 @@ def encode_row(row: dict[str, Any], processor: Any, fmt: RowFormat, counters: Da
 
 
 def model_batches(
-    rows: Iterable[dict[str, Any]], processor: Any, fmt: RowFormat, batch_size: int, counters: DataCounters
+    rows: Iterable[dict[str, Any]], processor: Any, fmt: RowFormat, batch_size: int, counters: DataCounters,
+    storage: Storage | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Collated batches of `batch_size` usable rows (the last one may be smaller)."""
     encodings, pixels = [], []
     for row in rows:
-        item = encode_row(row, processor, fmt, counters)
+        item = encode_row(row, processor, fmt, counters, storage)
         if item is None:
             continue
         encodings.append(item[0])

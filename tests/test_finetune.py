@@ -190,3 +190,14 @@ def test_spec_errors_name_the_field_before_any_model_loads(tmp_path, digits, tin
         run_finetune(spec_for(tmp_path, digits, tiny_model, **change))
     assert err.value.field == field, str(err.value)
     assert not (tmp_path / "runs" / "run" / "model").exists()
+
+
+def test_epoch_runs_stop_after_their_epochs_even_when_rerun(tmp_path, digits, tiny_model):
+    spec = spec_for(tmp_path, digits, tiny_model, data=str(digits / "test"), max_steps=None, epochs=1,
+                    batch_size=16, checkpoint_every=100, log_every=5)
+    summary = run_finetune(spec)
+    assert summary["epochs"] == 1 and summary["steps"] == 360 // 16 + 1
+    assert summary["data"]["rows_used"] == 360
+    again = run_finetune(spec)
+    assert again["steps"] == summary["steps"] and again["resumed_from"] == [summary["steps"]]
+    assert again["data"]["rows_used"] == 360, "a finished run trains no extra epoch"

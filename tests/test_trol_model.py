@@ -138,3 +138,18 @@ def test_tiny_cli_writes_a_loadable_model(backbone, traversal, tmp_path):
     batch = processor(text=[processor.build_prompt(PROMPT)], images=images(1))
     generated = model.generate(**batch, max_new_tokens=3, do_sample=True, top_p=0.9, temperature=0.7)
     assert generated.shape[1] > batch["input_ids"].shape[1]
+
+
+def test_cosine_schedule_warms_up_decays_and_stays_at_zero():
+    from trol.training import cosine_with_warmup
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = cosine_with_warmup(optimizer, warmup_steps=4, total_steps=20)
+    rates = []
+    for _ in range(30):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert rates[:5] == sorted(rates[:5]) and rates[4] == 1.0
+    assert all(a >= b for a, b in zip(rates[4:20], rates[5:21]))
+    assert rates[20:] == [0.0] * 10

@@ -142,3 +142,17 @@ def apply_saved_adapter(model: TroLForConditionalGeneration, adapter_dir: str) -
     if getattr(result, "unexpected_keys", None):
         raise ValueError(f"{adapter_dir}: adapter keys do not fit this model: {result.unexpected_keys[:3]}")
     return merge_lora(model)
+
+
+def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
+    """Linear warmup, then cosine decay to 0 at `total_steps`, and 0 after it (an epoch-based
+    run whose step estimate was short must not see the rate climb back up)."""
+    import math
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
