@@ -10,28 +10,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
+from jobs.ray_session import ensure_ray
 from jobs.specs import CaptionSpec, SpecError, load_spec
 
 log = logging.getLogger("jobs.caption")
-
-
-def ensure_ray() -> None:
-    """Join the cluster this job was submitted to (or one started with `ray start`);
-    otherwise start a private local Ray without the dashboard."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-        return
-    try:
-        ray.init(address="auto")
-    except ConnectionError:
-        ray.init(address="local", include_dashboard=False)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -13,7 +13,7 @@ import argparse
 import logging
 import sys
 
-from jobs.caption import ensure_ray
+from jobs.ray_session import ensure_ray
 from jobs.specs import FinetuneSpec, SpecError, load_spec
 
 

@@ -11,9 +11,9 @@ import math
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import Any
 
-import pyarrow.parquet as pq
 
 from jobs.specs import FinetuneSpec, SpecError
 
@@ -32,25 +32,35 @@ FAULT_ENV = "TROL_FAULT_AT_STEP"
 
 # --- driver -------------------------------------------------------------------------------
 
-def _check_data(uri: str, field: str, spec: FinetuneSpec, storage: Storage) -> tuple[list[Location], int]:
+@dataclass(frozen=True)
+class _Source:
+    """Checked training (or eval) shards: where they are, how many rows, what to read."""
+
+    shards: list[Location]
+    rows: int
+    columns: list[str]
+
+
+def _check_data(uri: str, field: str, spec: FinetuneSpec, storage: Storage) -> _Source:
     try:
         _, shards, _ = find_shards(uri, storage)
         if not shards:
             raise StorageError(f"no .parquet shards at {uri}")
-        schema = storage.parquet_metadata(shards[0]).schema.to_arrow_schema()
-        rows = sum(storage.parquet_metadata(s).num_rows for s in shards)
+        metas = [storage.parquet_metadata(s) for s in shards]  # footers only: row counts + schema
     except StorageError as exc:
         raise SpecError(field, str(exc)) from None
-    names = set(schema.names)
+    names = set(metas[0].schema.to_arrow_schema().names)
     if spec.conversations_column not in names and spec.caption_column not in names:
         raise SpecError(field, f"shards have neither {spec.conversations_column!r} (conversations_column) nor "
                         f"{spec.caption_column!r} (caption_column); columns are {sorted(names)}")
     if spec.image_column not in names:
         raise SpecError("image_column", f"{spec.image_column!r} is not a column of {shards[0].uri}; "
                         f"columns are {sorted(names)}")
+    rows = sum(m.num_rows for m in metas)
     if rows == 0:
         raise SpecError(field, f"{uri} holds no rows")
-    return shards, rows
+    wanted = [spec.image_column, spec.conversations_column, spec.caption_column]
+    return _Source(shards, rows, [c for c in wanted if c in names])
 
 
 def plan_steps(spec: FinetuneSpec, train_rows: int) -> int:
@@ -62,13 +72,11 @@ def plan_steps(spec: FinetuneSpec, train_rows: int) -> int:
     return spec.epochs * max(1, math.ceil(train_rows / per_step))
 
 
-def _read(shards: list[Location], storage: Storage, columns: list[str]):
+def _read(source: _Source, storage: Storage):
     import ray.data
 
-    fs = storage.filesystem(shards[0])
-    present = set(pq.read_schema(shards[0].path, filesystem=fs).names)
-    return ray.data.read_parquet([s.path for s in shards], filesystem=fs).select_columns(
-        [c for c in columns if c in present])
+    fs = storage.filesystem(source.shards[0])
+    return ray.data.read_parquet([s.path for s in source.shards], filesystem=fs).select_columns(source.columns)
 
 
 def run_finetune(spec: FinetuneSpec) -> dict[str, Any]:
@@ -81,8 +89,8 @@ def run_finetune(spec: FinetuneSpec) -> dict[str, Any]:
         ref = resolve_model_ref(spec.base_model, storage)
     except StorageError as exc:
         raise SpecError("base_model", str(exc)) from None
-    train_shards, train_rows = _check_data(spec.data, "data", spec, storage)
-    eval_shards = _check_data(spec.eval_data, "eval_data", spec, storage)[0] if spec.eval_data else None
+    train = _check_data(spec.data, "data", spec, storage)
+    evaluation = _check_data(spec.eval_data, "eval_data", spec, storage) if spec.eval_data else None
     if spec.strategy == "fsdp" and spec.gpus_per_worker == 0:
         raise SpecError("strategy", "fsdp shards parameters across GPUs; use strategy: ddp on CPU workers")
     run_dir = parse_uri(spec.output).join(spec.name)
@@ -91,11 +99,10 @@ def run_finetune(spec: FinetuneSpec) -> dict[str, Any]:
     except StorageError as exc:
         raise SpecError("output", str(exc)) from None
 
-    columns = [spec.image_column, spec.conversations_column, spec.caption_column]
-    datasets = {"train": _read(train_shards, storage, columns)}
-    if eval_shards:
-        datasets["eval"] = _read(eval_shards, storage, columns)
-    total_steps = plan_steps(spec, train_rows)
+    datasets = {"train": _read(train, storage)}
+    if evaluation:
+        datasets["eval"] = _read(evaluation, storage)
+    total_steps = plan_steps(spec, train.rows)
     out_fs = storage.filesystem(run_dir)
     trainer = TorchTrainer(
         train_loop,
