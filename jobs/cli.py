@@ -10,6 +10,7 @@ commands:
   caption SPEC.yaml [--set k=v ...]   caption Parquet shards with a TroL model (Ray Data)
   finetune SPEC.yaml [--set k=v ...]  fine-tune a TroL model (Ray Train)
   prepare digits|llava ...            build fine-tuning Parquet shards
+  convert SRC DST [--traversal ...]    a released TroL checkpoint (BK-Lee/TroL-7B, ...) → a TroL folder
   tiny OUT_DIR [--backbone ...]       write a tiny random TroL model (tests, demos)
   demo                                the `make demo` run
 """
@@ -27,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
         from jobs.finetune import main as run
     elif command == "prepare":
         from jobs.prepare import main as run
+    elif command == "convert":
+        from trol.convert.__main__ import main as run
     elif command == "tiny":
         from trol.tiny import main as run
     elif command == "demo":

@@ -37,6 +37,8 @@ class TroLConfig(PreTrainedConfig):
     pixel_shuffle_ratio: float | None = None
     traversal: Literal["off", "prefill", "full"] = "full"
     tie_word_embeddings: bool = False
+    # Partial LoRA at image tokens ({"r", "alpha", "targets"}), as TroL-1.8B/7B carry; None: none.
+    plora: dict | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -46,11 +48,18 @@ class TroLConfig(PreTrainedConfig):
             raise ValueError(f"projector={self.projector!r}: choose one of {PROJECTORS}")
         if self.pixel_shuffle_ratio is not None and not 0 < self.pixel_shuffle_ratio <= 1:
             raise ValueError("pixel_shuffle_ratio must be in (0, 1], e.g. 0.5, or None to disable it")
+        if self.plora is not None:
+            unknown = set(self.plora) - {"r", "alpha", "targets"}
+            if unknown or int(self.plora.get("r", 0)) < 1:
+                raise ValueError(f"plora={self.plora}: expected {{'r': int >= 1, 'alpha': float, 'targets': [...]}}")
 
     @property
     def patch_grid(self) -> int:
         """Patches per side of the vision encoder's square input."""
-        return self.vision_config.image_size // self.vision_config.patch_size
+        size, patch = self.vision_config.image_size, self.vision_config.patch_size
+        size = size[0] if isinstance(size, (list, tuple)) else size  # InternViT configs store (h, w)
+        patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+        return size // patch
 
     @property
     def image_seq_length(self) -> int:

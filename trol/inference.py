@@ -38,20 +38,52 @@ def default_attn_implementation(device: torch.device, dtype: torch.dtype) -> str
     return "sdpa"
 
 
+def inference_quantization(bits: int | None):
+    """bitsandbytes 4- or 8-bit weights for the LLM's linear layers (CUDA only). The vision
+    tower, projector, TroL gates, partial-LoRA adapters and LM head stay unquantised, as in
+    the released models."""
+    if not bits:
+        return None
+    if bits not in (4, 8):
+        raise ValueError(f"quantize={bits}: choose 4, 8 or null")
+    if not torch.cuda.is_available():
+        raise ValueError(f"quantize: {bits} needs a CUDA GPU (bitsandbytes); set quantize: null on CPU")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=bits == 4,
+        load_in_8bit=bits == 8,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16,
+        bnb_4bit_use_double_quant=True,
+        llm_int8_skip_modules=["vision", "gate_linear", "plora_A", "plora_B", "lm_head"],
+    )
+
+
 def load_model(
-    name_or_path: str, dtype: str = "auto", device: str | None = None, attn_implementation: str | None = None
+    name_or_path: str,
+    dtype: str = "auto",
+    device: str | None = None,
+    attn_implementation: str | None = None,
+    quantize: int | None = None,
 ) -> tuple[TroLForConditionalGeneration, TroLProcessor]:
     """Model on its device in eval mode, and its processor."""
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     attn = attn_implementation or default_attn_implementation(dev, torch_dtype)
-    model = TroLForConditionalGeneration.from_pretrained(name_or_path, dtype=torch_dtype, attn_implementation=attn)
+    quantization = inference_quantization(quantize)
+    extra = {"quantization_config": quantization, "device_map": {"": dev.index or 0}} if quantization else {}
+    model = TroLForConditionalGeneration.from_pretrained(
+        name_or_path, dtype=torch_dtype, attn_implementation=attn, **extra
+    )
     adapter = os.path.join(str(name_or_path), "adapter")
     if os.path.isfile(os.path.join(adapter, "adapter_config.json")):  # fine-tuned with keep_adapter
         from .training import apply_saved_adapter
 
         apply_saved_adapter(model, adapter)
-    return model.to(dev).eval(), TroLProcessor.from_pretrained(name_or_path)
+    if not quantization:  # bitsandbytes placed the weights already
+        model = model.to(dev)
+    return model.eval(), TroLProcessor.from_pretrained(name_or_path)
 
 
 @dataclass
@@ -61,8 +93,15 @@ class CaptionResult:
 
 
 class Captioner:
-    def __init__(self, model: str, dtype: str = "auto", device: str | None = None, model_id: str | None = None):
-        self.model, self.processor = load_model(model, dtype=dtype, device=device)
+    def __init__(
+        self,
+        model: str,
+        dtype: str = "auto",
+        device: str | None = None,
+        model_id: str | None = None,
+        quantize: int | None = None,
+    ):
+        self.model, self.processor = load_model(model, dtype=dtype, device=device, quantize=quantize)
         self.device = self.model.device
         self.model_id = model_id or str(model)
 
@@ -81,7 +120,9 @@ class Captioner:
         if not len(pixel_values):
             return []
         text = [self.processor.build_prompt(prompt)] * len(pixel_values)
-        batch = self.processor(text=text, images=list(pixel_values)).to(self.device)
+        # uint8 tiles travel to the device as they are and are normalised there.
+        images = [torch.as_tensor(np.asarray(p)).to(self.device, non_blocking=True) for p in pixel_values]
+        batch = self.processor(text=text, images=images).to(self.device)
         sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
         if seed is not None:
             torch.manual_seed(seed)

@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .config import TroLConfig
+from .plora import ImageTokenMask, PartialLoRALinear, PLoRASettings, add_partial_lora
 from .traversal import TroLCache, TroLDecoderLayer, set_traversal, wrap_decoder_layers
 from .vision import TroLVision
 
@@ -34,7 +35,24 @@ class TroLForConditionalGeneration(TroLPreTrainedModel, GenerationMixin):
         self.vision = TroLVision(config)
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         wrap_decoder_layers(self.language_model, config.text_config.hidden_size, config.traversal)
+        # Filled from input_ids at each forward; read by the partial-LoRA adapters (if any).
+        self.image_token_mask = ImageTokenMask()
+        if config.plora is not None:
+            add_partial_lora(self.language_model, self.plora_settings(), self.image_token_mask)
         self.post_init()
+
+    def plora_settings(self) -> PLoRASettings | None:
+        if self.config.plora is None:
+            return None
+        defaults = PLoRASettings()
+        return PLoRASettings(
+            r=int(self.config.plora["r"]),
+            alpha=float(self.config.plora.get("alpha", self.config.plora["r"])),
+            targets=tuple(self.config.plora.get("targets", defaults.targets)),
+        )
+
+    def partial_lora_layers(self) -> list[PartialLoRALinear]:
+        return [m for m in self.language_model.modules() if isinstance(m, PartialLoRALinear)]
 
     # -- traversal -------------------------------------------------------------------------
     def set_traversal(self, mode: str) -> None:
@@ -90,6 +108,10 @@ class TroLForConditionalGeneration(TroLPreTrainedModel, GenerationMixin):
             if input_ids is None:
                 raise ValueError("pass input_ids (with pixel_values for images) or inputs_embeds")
             inputs_embeds = self.embed(input_ids, pixel_values)
+        if self.config.plora is not None:
+            if input_ids is None:
+                raise ValueError("this model has partial LoRA at image tokens: pass input_ids so it can find them")
+            self.image_token_mask.set(input_ids == self.config.image_token_id)
         if kwargs.get("output_hidden_states") and self.config.traversal != "off":
             raise ValueError(
                 "output_hidden_states is not supported while layers are traversed (each layer runs "

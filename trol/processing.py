@@ -21,17 +21,26 @@ IGNORE_INDEX = -100
 @dataclass
 class ChatFormat:
     """Turn markers around each message. The user chunk ends with the assistant prefix, so a
-    prompt built for generation and a training example tokenize identically up to the reply."""
+    prompt built for generation and a training example tokenize identically up to the reply.
+    `system`, when set, is sent first in every conversation (the released TroL models were
+    trained with one)."""
 
     user_prefix: str = "<|user|>\n"
     assistant_prefix: str = "<|assistant|>\n"
     turn_suffix: str = "<|end|>\n"
+    system_prefix: str = ""
+    system: str = ""
+
+    def system_turn(self) -> str:
+        return f"{self.system_prefix}{self.system}{self.turn_suffix}" if self.system else ""
 
     def jinja(self) -> str:
         """The same format as a tokenizer chat template, for tools that use apply_chat_template."""
         q = json.dumps
         return (
-            "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
+            "{{ bos_token }}"
+            f"{{{{ {q(self.system_turn())} }}}}"
+            "{% for m in messages %}{% if m['role'] == 'user' %}"
             f"{{{{ {q(self.user_prefix)} }}}}{{{{ m['content'] }}}}{{{{ {q(self.turn_suffix)} }}}}"
             f"{{% else %}}{{{{ {q(self.assistant_prefix)} }}}}{{{{ m['content'] }}}}{{{{ {q(self.turn_suffix)} }}}}"
             "{% endif %}{% endfor %}"
@@ -45,6 +54,9 @@ class ImageSettings:
     mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
     std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
     resample: str = "bicubic"
+    # Dynamic tiling (InternViT-style): {"min_tiles", "max_tiles", "thumbnail"}; None: one
+    # square resize per image. `size` is then the tile side.
+    tiling: dict | None = None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -67,8 +79,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
 class TroLProcessor:
     """Called like transformers processors: `processor(text=[...], images=[...], return_tensors="pt")`.
 
-    Each `image_token` in a text is one image, consumed from `images` in order, and becomes
-    `image_seq_length` copies of the image token. Batches are left-padded for generation.
+    Each `image_placeholder` in a text is one image, consumed from `images` in order. An image
+    becomes one or more tiles (one without tiling), each tile `image_seq_length` copies of
+    `image_token`, the whole run wrapped in `image_start`/`image_end` (e.g. "<img>"…"</img>").
+    `pixel_values` holds every tile of every image in that order. Batches are left-padded.
     """
 
     def __init__(
@@ -78,12 +92,17 @@ class TroLProcessor:
         image: ImageSettings | None = None,
         chat: ChatFormat | None = None,
         image_token: str = "<image>",
+        image_placeholder: str = "<image>",
+        image_start: str = "",
+        image_end: str = "",
     ):
         self.tokenizer = tokenizer
         self.image_seq_length = image_seq_length
         self.image = image or ImageSettings()
         self.chat = chat or ChatFormat()
         self.image_token = image_token
+        self.image_placeholder = image_placeholder
+        self.image_start, self.image_end = image_start, image_end
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
             raise ValueError(f"image_token {image_token!r} is not in the tokenizer's vocabulary")
@@ -99,6 +118,9 @@ class TroLProcessor:
         settings = {
             "processor_class": type(self).__name__,
             "image_token": self.image_token,
+            "image_placeholder": self.image_placeholder,
+            "image_start": self.image_start,
+            "image_end": self.image_end,
             "image_seq_length": self.image_seq_length,
             "image": asdict(self.image),
             "chat": asdict(self.chat),
@@ -124,36 +146,69 @@ class TroLProcessor:
             image_seq_length=settings["image_seq_length"],
             image=ImageSettings(**settings.get("image", {})),
             chat=ChatFormat(**settings.get("chat", {})),
-            image_token=settings.get("image_token", "<image>"),
+            **{k: settings[k] for k in ("image_token", "image_placeholder", "image_start", "image_end") if k in settings},
         )
 
     # -- images ----------------------------------------------------------------------------
     @property
     def image_size(self) -> int:
+        """Side of one square tile (or of the one resized image without tiling)."""
         return self.image.size
 
-    def preprocess_image(self, image: Image.Image) -> np.ndarray:
-        """PIL image of any mode → float32 (3, size, size), resized and normalised."""
+    def prepare_image(self, image: Image.Image) -> np.ndarray:
+        """PIL image of any mode → uint8 (tiles, 3, size, size), not yet normalised: 4× less to
+        move between processes than floats; `normalize` finishes the job where the model runs."""
         size = self.image.size
-        resample = Image.Resampling[self.image.resample.upper()]
-        rgb = to_rgb(image).resize((size, size), resample=resample)
-        arr = np.asarray(rgb, dtype=np.float32) / 255.0
-        arr = (arr - np.asarray(self.image.mean, np.float32)) / np.asarray(self.image.std, np.float32)
-        return np.ascontiguousarray(arr.transpose(2, 0, 1))
+        rgb = to_rgb(image)
+        if self.image.tiling:
+            from .tiling import tile_image
+
+            tiles = tile_image(rgb, tile_size=size, **self.image.tiling)
+        else:
+            tiles = [rgb.resize((size, size), resample=Image.Resampling[self.image.resample.upper()])]
+        return np.stack([np.asarray(t, dtype=np.uint8) for t in tiles]).transpose(0, 3, 1, 2).copy()
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (…, 3, H, W) → float32 normalised, on the tensor's own device."""
+        mean = torch.tensor(self.image.mean, device=pixels.device).view(3, 1, 1)
+        std = torch.tensor(self.image.std, device=pixels.device).view(3, 1, 1)
+        return (pixels.float() / 255.0 - mean) / std
+
+    def preprocess_image(self, image: Image.Image) -> np.ndarray:
+        """PIL image → float32 normalised: (3, size, size) without tiling, else (tiles, 3, size, size)."""
+        pixels = self.normalize(torch.from_numpy(self.prepare_image(image))).numpy()
+        return pixels if self.image.tiling else pixels[0]
 
     def _pixels(self, image: Image.Image | np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Any accepted image form → float32 (tiles, 3, size, size)."""
         if isinstance(image, Image.Image):
-            image = self.preprocess_image(image)
-        return torch.tensor(np.asarray(image, dtype=np.float32))  # a copy: inputs may be read-only
+            image = self.prepare_image(image)
+        # A copy: inputs may be read-only. Tensors stay on their device (normalise on the GPU).
+        pixels = image.clone() if isinstance(image, torch.Tensor) else torch.as_tensor(np.asarray(image)).clone()
+        pixels = self.normalize(pixels) if pixels.dtype == torch.uint8 else pixels.float()
+        return pixels.unsqueeze(0) if pixels.dim() == 3 else pixels
+
+    def image_tokens(self, tiles: int) -> str:
+        return self.image_start + self.image_token * (tiles * self.image_seq_length) + self.image_end
 
     # -- text ------------------------------------------------------------------------------
     def build_prompt(self, prompt: str, with_image: bool = True) -> str:
-        """A one-turn chat ending where the assistant's reply begins."""
-        content = f"{self.image_token}\n{prompt}" if with_image else prompt
+        """A one-turn chat (after the system turn, if any) ending where the reply begins."""
+        return self.chat.system_turn() + self._user_turn(prompt, with_image)
+
+    def _user_turn(self, content: str, with_image: bool = False) -> str:
+        content = f"{self.image_placeholder}\n{content}" if with_image else content
         return self.chat.user_prefix + content + self.chat.turn_suffix + self.chat.assistant_prefix
 
-    def _encode(self, text: str) -> list[int]:
-        expanded = text.replace(self.image_token, self.image_token * self.image_seq_length)
+    def _expand(self, text: str, tiles: list[int]) -> str:
+        """Each placeholder, in order, becomes its image's token run."""
+        parts = text.split(self.image_placeholder)
+        if len(parts) - 1 != len(tiles):
+            raise ValueError(f"text holds {len(parts) - 1} {self.image_placeholder} placeholders for {len(tiles)} images")
+        return parts[0] + "".join(self.image_tokens(n) + part for n, part in zip(tiles, parts[1:]))
+
+    def _encode(self, text: str, tiles: list[int] | None = None) -> list[int]:
+        expanded = self._expand(text, tiles if tiles is not None else [1] * text.count(self.image_placeholder))
         return self.tokenizer(expanded, add_special_tokens=False)["input_ids"]
 
     def _bos(self) -> list[int]:
@@ -168,10 +223,12 @@ class TroLProcessor:
     ) -> BatchFeature:
         texts = [text] if isinstance(text, str) else list(text)
         pixels = [self._pixels(im) for im in (images or []) if im is not None]
-        placeholders = sum(t.count(self.image_token) for t in texts)
+        placeholders = sum(t.count(self.image_placeholder) for t in texts)
         if placeholders != len(pixels):
-            raise ValueError(f"texts hold {placeholders} {self.image_token} placeholders but {len(pixels)} images were given")
-        rows = [self._bos() + self._encode(t) for t in texts]
+            raise ValueError(f"texts hold {placeholders} {self.image_placeholder} placeholders but {len(pixels)} images were given")
+        tiles = iter([p.shape[0] for p in pixels])
+        rows = [self._bos() + self._encode(t, [next(tiles) for _ in range(t.count(self.image_placeholder))])
+                for t in texts]
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -182,7 +239,7 @@ class TroLProcessor:
             attention_mask[i, span] = 1
         data: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
         if pixels:
-            data["pixel_values"] = torch.stack(pixels)
+            data["pixel_values"] = torch.cat(pixels)
         if return_tensors != "pt":
             raise ValueError(f"return_tensors={return_tensors!r}: only 'pt' is supported")
         return BatchFeature(data=data)
@@ -193,51 +250,59 @@ class TroLProcessor:
 
     # -- training --------------------------------------------------------------------------
     def encode_conversation(
-        self, turns: list[dict[str, str]], has_image: bool, max_length: int | None = None
+        self, turns: list[dict[str, str]], has_image: bool, max_length: int | None = None, image_tiles: int = 1
     ) -> dict[str, Any] | None:
         """Token ids and labels for a chat; labels cover assistant replies (and their end
-        marker) only. `turns` alternate {"role": "user"|"assistant", "content": str}.
+        marker) only. `turns` alternate {"role": "user"|"assistant", "content": str}; the image
+        (if any) has `image_tiles` tiles.
 
+        The whole conversation is tokenized at once and labels are taken from character
+        offsets, so a reply tokenizes exactly as it does after a generation prompt (a
+        SentencePiece tokenizer would otherwise give a reply encoded on its own a word prefix).
         Over `max_length` the tail is cut ("truncated": True); if that would cut into the
         image tokens or leave no assistant token to learn from, returns None (drop the row).
         """
         turns = [dict(t) for t in turns]
-        if any(self.image_token in t["content"] for t in turns if t["role"] != "user"):
-            raise ValueError(f"{self.image_token} may only appear in a user turn")
-        n_placeholders = sum(t["content"].count(self.image_token) for t in turns)
+        mark = self.image_placeholder
+        if any(mark in t["content"] for t in turns if t["role"] != "user"):
+            raise ValueError(f"{mark} may only appear in a user turn")
+        n_placeholders = sum(t["content"].count(mark) for t in turns)
         if has_image and n_placeholders == 0:
             first_user = next((t for t in turns if t["role"] == "user"), None)
             if first_user is None:
                 raise ValueError("conversation has an image but no user turn to attach it to")
-            first_user["content"] = f"{self.image_token}\n{first_user['content']}"
+            first_user["content"] = f"{mark}\n{first_user['content']}"
         elif n_placeholders != (1 if has_image else 0):
-            raise ValueError(f"conversation holds {n_placeholders} {self.image_token} placeholders for {int(has_image)} image")
-        ids, labels = self._bos(), [IGNORE_INDEX] * len(self._bos())
+            raise ValueError(f"conversation holds {n_placeholders} {mark} placeholders for {int(has_image)} image")
+        text, replies = self.chat.system_turn(), []
         reply_open = False  # a user chunk ends with the assistant prefix
         for turn in turns:
             role = turn["role"]
             if role == "user":
-                chunk = self._encode(self.build_prompt(turn["content"], with_image=False))
-                reply = []
+                text += self._expand(self._user_turn(turn["content"]), [image_tiles] * turn["content"].count(mark))
             elif role == "assistant":
-                chunk = [] if reply_open else self._encode(self.chat.assistant_prefix)
-                reply = self._encode(turn["content"] + self.chat.turn_suffix)
+                text += "" if reply_open else self.chat.assistant_prefix
+                replies.append((len(text), len(text) + len(turn["content"] + self.chat.turn_suffix)))
+                text += turn["content"] + self.chat.turn_suffix
             else:
                 raise ValueError(f"turn role {role!r}: expected 'user' or 'assistant'")
-            ids += chunk + reply
-            labels += [IGNORE_INDEX] * len(chunk) + reply
             reply_open = role == "user"
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = self._bos() + list(enc["input_ids"])
+        in_reply = [any(start < end_r and end > start_r for start_r, end_r in replies) for start, end in enc["offset_mapping"]]
+        labels = [IGNORE_INDEX] * len(self._bos()) + [t if r else IGNORE_INDEX for t, r in zip(enc["input_ids"], in_reply)]
         truncated = max_length is not None and len(ids) > max_length
         if truncated:
             ids, labels = ids[:max_length], labels[:max_length]
-            if ids.count(self.image_token_id) != (self.image_seq_length if has_image else 0):
+            if ids.count(self.image_token_id) != (image_tiles * self.image_seq_length if has_image else 0):
                 return None
         if all(label == IGNORE_INDEX for label in labels):
             return None
         return {"input_ids": ids, "labels": labels, "truncated": truncated}
 
     def collate(self, encodings: list[dict[str, Any]], pixel_values: list[np.ndarray | None]) -> dict[str, torch.Tensor]:
-        """Right-padded training batch (labels padded with -100)."""
+        """Right-padded training batch (labels padded with -100); every tile of every image,
+        in row order, in one `pixel_values` tensor."""
         width = max(len(e["input_ids"]) for e in encodings)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.full((len(encodings), width), pad, dtype=torch.long)
@@ -249,7 +314,7 @@ class TroLProcessor:
             labels[i, :n] = torch.tensor(enc["labels"])
             attention_mask[i, :n] = 1
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        present = [torch.tensor(np.asarray(p, dtype=np.float32)) for p in pixel_values if p is not None]
+        present = [self._pixels(p) for p in pixel_values if p is not None]
         if present:
-            batch["pixel_values"] = torch.stack(present)
+            batch["pixel_values"] = torch.cat(present)
         return batch

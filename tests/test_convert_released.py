@@ -1,0 +1,187 @@
+"""Released TroL checkpoints (tiny, in the released layouts): conversion is strict and the
+converted model equals independent references written from the equations."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoTokenizer, CLIPVisionConfig, CLIPVisionModel
+
+from released_layouts import CLIP, INTERNLM2, PLORA_RANK, VIT, write_internlm2_release, write_phi3_release
+from released_reference import InternLM2Reference, internvit_features
+from test_convert_tokenizer import reference_ids
+from trol import TroLForConditionalGeneration, TroLProcessor
+from trol.convert import ConversionError, convert_released
+from trol.convert.internlm2 import RELEASED_SYSTEM
+
+
+def released_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            out.update({n: f.get_tensor(n) for n in f.keys()})
+    return out
+
+
+@pytest.fixture(scope="module")
+def internlm2(tmp_path_factory):
+    root = tmp_path_factory.mktemp("internlm2")
+    src = write_internlm2_release(root / "release")
+    report = convert_released(str(src), str(root / "trol"), max_shard_size="64KB")
+    return src, root / "trol", report
+
+
+@pytest.fixture(scope="module")
+def phi3(tmp_path_factory):
+    root = tmp_path_factory.mktemp("phi3")
+    src = write_phi3_release(root / "release")
+    report = convert_released(str(src), str(root / "trol"), max_shard_size="64KB")
+    return src, root / "trol", report
+
+
+def test_every_tensor_is_accounted_for(internlm2, phi3):
+    for src, dst, report in (internlm2, phi3):
+        source = released_tensors(src)
+        gates = torch.load(src / "trol_gating.pt", weights_only=True)
+        assert report["source_tensors"] == len(source) + len(gates)
+        index = json.loads((dst / "model.safetensors.index.json").read_text())["weight_map"]
+        assert len(set(index.values())) > 1, "a sharded source gives a sharded output"
+        model = TroLForConditionalGeneration.from_pretrained(dst)
+        assert set(index) == set(model.state_dict()) and report["written_tensors"] == len(index)
+    # InternLM2: each wqkv becomes q/k/v (base, A, B), the others one each; the CLIP position_ids buffer is dropped.
+    assert internlm2[2]["dropped_buffers"] == 1
+
+
+def test_unknown_or_missing_tensors_fail_naming_them(internlm2, tmp_path):
+    src = Path(shutil.copytree(internlm2[0], tmp_path / "extra"))
+    save_file({"model.layers.0.attention.surprise.weight": torch.zeros(2)}, str(src / "zz-extra.safetensors"))
+    with pytest.raises(ConversionError, match="surprise"):
+        convert_released(str(src), str(tmp_path / "out1"))
+    src = Path(shutil.copytree(internlm2[0], tmp_path / "missing"))
+    (src / "trol_gating.pt").unlink()
+    with pytest.raises(ConversionError, match="trol_gating.pt"):
+        convert_released(str(src), str(tmp_path / "out2"))
+    assert not (tmp_path / "out2").exists(), "a failed conversion leaves no folder behind"
+
+
+def _internlm2_inputs(dst: Path):
+    processor = TroLProcessor.from_pretrained(dst)
+    rng = np.random.default_rng(0)
+    imgs = [Image.fromarray(rng.integers(0, 255, (20 + 9 * i, 30, 3), dtype=np.uint8)) for i in range(2)]
+    text = [processor.build_prompt("Describe the image."), processor.build_prompt("What is it, in a few words?")]
+    batch = processor(text=text, images=imgs)
+    assert batch["attention_mask"][0].sum() != batch["attention_mask"][1].sum(), "rows must be left-padded"
+    return processor, batch
+
+
+def _reference(src: Path, batch, image_token_id: int):
+    W = released_tensors(src)
+    gates = torch.load(src / "trol_gating.pt", weights_only=True)
+    clip = CLIPVisionModel(CLIPVisionConfig(**CLIP))
+    clip.load_state_dict({k[len("vit.vision_tower.vision_model."):]: v for k, v in W.items()
+                          if k.startswith("vit.vision_tower.") and not k.endswith("position_ids")})
+    with torch.no_grad():
+        feats = clip(batch["pixel_values"], output_hidden_states=True).hidden_states[-1][:, 1:]
+        feats = torch.nn.functional.gelu(feats @ W["vision_proj.0.weight"].T + W["vision_proj.0.bias"])
+        feats = feats @ W["vision_proj.2.weight"].T + W["vision_proj.2.bias"]
+    ids = batch["input_ids"]
+    embeds = W["model.tok_embeddings.weight"][ids].clone()
+    is_image = ids == image_token_id
+    embeds[is_image] = feats.reshape(-1, feats.shape[-1])
+    ref = InternLM2Reference(W, INTERNLM2, gates, scale=1.0)
+    return ref, embeds, is_image.float()
+
+
+def test_internlm2_logits_and_greedy_ids_equal_the_reference(internlm2):
+    src, dst, _ = internlm2
+    model = TroLForConditionalGeneration.from_pretrained(dst).eval()
+    assert model.config.traversal == "prefill" and len(model.partial_lora_layers()) == 14
+    processor, batch = _internlm2_inputs(dst)
+    ref, embeds, image_mask = _reference(src, batch, model.config.image_token_id)
+    vocab = INTERNLM2.get("vocab_size") or ref.W["output.weight"].shape[0]
+    with torch.no_grad():
+        ref_logits, ref_ids = ref.greedy(embeds, image_mask, batch["attention_mask"], steps=6)
+        # Positions count real tokens only, as generation (and the release) number them under left padding.
+        position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        ours = model(**batch, position_ids=position_ids).logits[..., :vocab]
+        out = model.generate(**batch, max_new_tokens=6, min_new_tokens=6, do_sample=False, eos_token_id=None)
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(ours[real], ref_logits[real], atol=1e-5, rtol=1e-5)
+    assert torch.equal(out[:, batch["input_ids"].shape[1]:], ref_ids)
+
+
+def test_partial_lora_acts_only_at_image_tokens(internlm2):
+    src, dst, _ = internlm2
+    model = TroLForConditionalGeneration.from_pretrained(dst).eval()
+    config = copy.deepcopy(model.config)
+    config.plora = None
+    plain = TroLForConditionalGeneration(config).eval()
+    state = {k.replace(".base.", "."): v for k, v in model.state_dict().items() if ".plora_" not in k}
+    plain.load_state_dict(state, strict=True)
+    processor, batch = _internlm2_inputs(dst)
+    text_only = processor(text=[processor.build_prompt("Say hello.", with_image=False)])
+    with torch.no_grad():
+        assert torch.equal(model(**text_only).logits, plain(**text_only).logits)
+        assert not torch.allclose(model(**batch).logits, plain(**batch).logits, atol=1e-4)
+    with pytest.raises(NotImplementedError, match="cannot be folded"):
+        model.partial_lora_layers()[0].merge()
+
+
+def test_internlm2_prompt_tokenizes_as_released(internlm2):
+    import sentencepiece as spm
+
+    src, dst, _ = internlm2
+    processor = TroLProcessor.from_pretrained(dst)
+    sp = spm.SentencePieceProcessor(model_file=str(src / "tokenizer.model"))
+    config = json.loads((src / "tokenizer_config.json").read_text())
+    question = "<image>\nWhat is the troll doing?"
+    released = ("<s>[UNUSED_TOKEN_146]system\n" + RELEASED_SYSTEM + "[UNUSED_TOKEN_145]\n[UNUSED_TOKEN_146]user\n"
+                + question.replace("<image>", "<image>" * 1) + "[UNUSED_TOKEN_145]\n[UNUSED_TOKEN_146]assistant\n")
+    released = released.replace("<image>", "<image>" * processor.image_seq_length)
+    ours = processor(text=[processor.build_prompt("What is the troll doing?")],
+                     images=[Image.new("RGB", (30, 30))])["input_ids"][0].tolist()
+    assert ours == reference_ids(sp, config, released)
+
+
+def test_phi3_vision_and_prompt_match_the_release(phi3):
+    src, dst, _ = phi3
+    model = TroLForConditionalGeneration.from_pretrained(dst).eval()
+    processor = TroLProcessor.from_pretrained(dst)
+    wide = Image.fromarray(np.random.default_rng(1).integers(0, 255, (28, 70, 3), dtype=np.uint8))
+    batch = processor(text=[processor.build_prompt("Describe.")], images=[wide])
+    tiles = batch["pixel_values"].shape[0]
+    assert tiles == 3 + 1, "a 70×28 image takes a 3×1 grid plus the thumbnail"
+    with torch.no_grad():
+        ours = model.vision(batch["pixel_values"])
+    reference = internvit_features(released_tensors(src), VIT, batch["pixel_values"], ratio=0.5)
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+    released = ("<s><|system|>\n" + RELEASED_SYSTEM + "<|end|>\n<|user|>\n<img>"
+                + "<IMG_CONTEXT>" * (tiles * processor.image_seq_length) + "</img>\nDescribe.<|end|>\n<|assistant|>\n")
+    source_tokenizer = AutoTokenizer.from_pretrained(src)
+    assert batch["input_ids"][0].tolist() == source_tokenizer(released, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] > batch["input_ids"].shape[1]
+
+
+@pytest.mark.parametrize("mode", ["off", "prefill", "full"])
+def test_converted_model_runs_in_every_traversal_mode(internlm2, mode):
+    _, dst, _ = internlm2
+    model = TroLForConditionalGeneration.from_pretrained(dst).eval()
+    model.set_traversal(mode)
+    _, batch = _internlm2_inputs(dst)
+    with torch.no_grad():
+        cached = model.generate(**batch, max_new_tokens=4, min_new_tokens=4, eos_token_id=None, use_cache=True)
+        if mode != "prefill":  # prefill's decode steps are by definition not a recomputation
+            again = model.generate(**batch, max_new_tokens=4, min_new_tokens=4, eos_token_id=None, use_cache=False)
+            assert torch.equal(cached, again)
+    assert PLORA_RANK == model.partial_lora_layers()[0].plora_A.out_features

@@ -1,0 +1,203 @@
+"""TroL-1.8B / TroL-7B: InternLM2 (XComposer2 form, partial LoRA everywhere) + CLIP-L/14 at 490 px.
+
+InternLM2 becomes a transformers Llama decoder:
+- packed `wqkv` rows are grouped per kv head j as [q heads of group j, k_j, v_j]; they are
+  split into q_proj / k_proj / v_proj (weights, biases and the partial-LoRA B alike); the
+  shared partial-LoRA A of wqkv is given to each of the three (same function);
+- `w1`/`w3`/`w2` are gate/up/down, `attention_norm`/`ffn_norm` the two RMSNorms;
+- the embedding has one more row than the LM head (the `<image>` token, always overwritten by
+  image features): the head gets a zero row for it and generation suppresses that token.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from transformers import CLIPVisionConfig, GenerationConfig, LlamaConfig
+
+from ..processing import ChatFormat, ImageSettings
+from .checkpoint import ConversionError
+
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+# The system turn the released models were trained and evaluated with.
+RELEASED_SYSTEM = (
+    "You are AI model created by Byung-Kwan Lee, Ph.D. candidate, KAIST EE, of which AI model name is "
+    "TroL (Traversal of Layers). You must give helpful, detailed, and polite answers to the user's questions"
+)
+CHAT = ChatFormat(
+    system_prefix="[UNUSED_TOKEN_146]system\n",
+    user_prefix="[UNUSED_TOKEN_146]user\n",
+    assistant_prefix="[UNUSED_TOKEN_146]assistant\n",
+    turn_suffix="[UNUSED_TOKEN_145]\n",
+    system=RELEASED_SYSTEM,
+)
+_LINEARS = {"attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj",
+            "feed_forward.w3": "mlp.up_proj", "feed_forward.w2": "mlp.down_proj"}
+_ADAPTER_PARTS = {"ffn": "base", "lora_A": "plora_A", "Plora_A": "plora_A", "lora_B": "plora_B", "Plora_B": "plora_B"}
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+def is_internlm2(config: dict, names: set[str]) -> bool:
+    return "model.tok_embeddings.weight" in names or config.get("model_type") == "internlm2"
+
+
+def text_config(config: dict, embedding_rows: int, plora_rank: int) -> LlamaConfig:
+    heads = config["num_attention_heads"]
+    rope = {"rope_type": "default", "rope_theta": float(config.get("rope_theta", 10000.0))}
+    scaling = config.get("rope_scaling")
+    if scaling:
+        if scaling.get("type", scaling.get("rope_type")) != "dynamic":
+            raise ConversionError(f"config.json rope_scaling={scaling}: only 'dynamic' (as InternLM2 uses) is supported")
+        rope.update(rope_type="dynamic", factor=float(scaling["factor"]))
+    bias = bool(config.get("bias", False))
+    return LlamaConfig(
+        vocab_size=embedding_rows,
+        hidden_size=config["hidden_size"],
+        intermediate_size=config["intermediate_size"],
+        num_hidden_layers=config["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=config.get("num_key_value_heads") or heads,
+        head_dim=config["hidden_size"] // heads,
+        max_position_embeddings=config.get("max_position_embeddings", 32768),
+        rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+        rope_parameters=rope,
+        attention_bias=bias,
+        mlp_bias=bias,
+        tie_word_embeddings=False,
+        pad_token_id=config.get("eos_token_id", 2),
+        bos_token_id=config.get("bos_token_id", 1),
+        eos_token_id=config.get("eos_token_id", 2),
+    )
+
+
+def vision_config(position_rows: int, shapes: dict[str, tuple[int, ...]]) -> CLIPVisionConfig:
+    """CLIP-L/14 with positions for a 35×35 grid (490 px); sizes read off the weights."""
+    prefix = "vit.vision_tower.vision_model."
+    hidden = shapes[prefix + "embeddings.class_embedding"][0]
+    patch = shapes[prefix + "embeddings.patch_embedding.weight"][-1]
+    layers = 1 + max(int(m.group(1)) for n in shapes if (m := re.match(re.escape(prefix) + r"encoder\.layers\.(\d+)\.", n)))
+    grid = round((position_rows - 1) ** 0.5)
+    if grid * grid + 1 != position_rows:
+        raise ConversionError(f"{prefix}embeddings.position_embedding has {position_rows} rows: not a square grid + CLS")
+    return CLIPVisionConfig(
+        hidden_size=hidden,
+        intermediate_size=shapes[prefix + "encoder.layers.0.mlp.fc1.weight"][0],
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64),
+        image_size=grid * patch,
+        patch_size=patch,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+    )
+
+
+def plan(src: Path, config: dict, shapes: dict[str, tuple[int, ...]]) -> dict:
+    """Everything the converted folder needs besides the tensors."""
+    embedding_rows = shapes["model.tok_embeddings.weight"][0]
+    lora_a = next((shapes[n] for n in shapes if n.endswith("attention.wqkv.lora_A.weight") or n.endswith("attention.wqkv.Plora_A.weight")), None)
+    if lora_a is None:
+        raise ConversionError("no attention.wqkv.lora_A weights: this does not look like a released TroL InternLM2 checkpoint")
+    rank = lora_a[0]
+    vision = vision_config(shapes["vit.vision_tower.vision_model.embeddings.position_embedding.weight"][0], shapes)
+    grid = vision.image_size // vision.patch_size
+    return {
+        "text_config": text_config(config, embedding_rows, rank),
+        "vision_config": vision,
+        "plora": {"r": rank, "alpha": float(rank)},  # the release scales by alpha/r = 256/256
+        "projector": "mlp2x_gelu",
+        "vision_feature_layer": -1,
+        "pixel_shuffle_ratio": None,
+        "image": ImageSettings(size=vision.image_size, mean=CLIP_MEAN, std=CLIP_STD, resample="bicubic"),
+        "image_seq_length": grid * grid,
+        "chat": CHAT,
+        "image_token": "<image>",
+        "image_placeholder": "<image>",
+        "image_start": "",
+        "image_end": "",
+        "end_of_turn": "[UNUSED_TOKEN_145]",
+    }
+
+
+def tensor_mapper(config: dict, shapes: dict[str, tuple[int, ...]], tower_prefix: str):
+    heads, hidden = config["num_attention_heads"], config["hidden_size"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim, group = hidden // heads, heads // kv_heads
+    embedding_rows = shapes["model.tok_embeddings.weight"][0]
+
+    def split_qkv(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        grouped = t.reshape(kv_heads, group + 2, head_dim, *t.shape[1:])
+        q = grouped[:, :group].reshape(heads * head_dim, *t.shape[1:])
+        return q, grouped[:, group].reshape(kv_heads * head_dim, *t.shape[1:]), grouped[:, group + 1].reshape(kv_heads * head_dim, *t.shape[1:])
+
+    def map_layer(idx: str, rest: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        out = f"language_model.model.layers.{idx}.layer."
+        if rest == "attention_norm.weight":
+            return [(out + "input_layernorm.weight", t)]
+        if rest == "ffn_norm.weight":
+            return [(out + "post_attention_layernorm.weight", t)]
+        module, part, kind = rest.rsplit(".", 2)  # e.g. attention.wqkv / lora_B / weight
+        if part not in _ADAPTER_PARTS:
+            raise ConversionError(f"model.layers.{idx}.{rest}: unknown tensor")
+        ours = _ADAPTER_PARTS[part]
+        if module == "attention.wqkv":
+            names = [f"{out}self_attn.{p}.{ours}.{kind}" for p in ("q_proj", "k_proj", "v_proj")]
+            if ours == "plora_A":  # one A shared by q/k/v in the release: each gets it
+                return [(n, t.clone()) for n in names]
+            return list(zip(names, split_qkv(t)))
+        if module in _LINEARS:
+            return [(f"{out}{_LINEARS[module]}.{ours}.{kind}", t)]
+        raise ConversionError(f"model.layers.{idx}.{rest}: unknown tensor")
+
+    def mapper(name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        if name == "model.tok_embeddings.weight":
+            return [("language_model.model.embed_tokens.weight", t)]
+        if name == "model.norm.weight":
+            return [("language_model.model.norm.weight", t)]
+        if name == "output.weight":
+            pad = t.new_zeros(embedding_rows - t.shape[0], t.shape[1])  # the <image> row: never a prediction
+            return [("language_model.lm_head.weight", torch.cat([t, pad]))]
+        if (m := _LAYER.match(name)) is not None:
+            return map_layer(m.group(1), m.group(2), t)
+        if name.startswith("vit.vision_tower.vision_model."):
+            rest = name[len("vit.vision_tower.vision_model."):]
+            if rest == "embeddings.position_ids":  # a derived buffer some transformers versions saved
+                if not torch.equal(t.flatten(), torch.arange(t.numel(), dtype=t.dtype)):
+                    raise ConversionError(f"{name} is not 0..n-1")
+                return []
+            return [(tower_prefix + rest, t)]
+        if (m := re.match(r"^vision_proj\.(0|2)\.(weight|bias)$", name)) is not None:
+            return [(f"vision.projector.linear_{1 if m.group(1) == '0' else 2}.{m.group(2)}", t)]
+        raise ConversionError(f"source tensor {name} has no place in a TroL model; is this a released TroL-1.8B/7B?")
+
+    return mapper
+
+
+def gate_mapper(num_layers: int):
+    def mapper(name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        m = re.match(r"^(\d+)\.(weight|bias)$", name)
+        if m is None or int(m.group(1)) >= num_layers:
+            raise ConversionError(f"trol_gating.pt: unexpected tensor {name} (expected 0..{num_layers - 1}.weight/bias)")
+        # The release saves one gate under every layer index (shared storage): each mixer gets its own copy.
+        return [(f"language_model.model.layers.{m.group(1)}.mixer.gate_linear.{m.group(2)}", t.clone())]
+
+    return mapper
+
+
+def read_config(src: Path) -> dict:
+    return json.loads((src / "config.json").read_text())
+
+
+def generation_config(tokenizer, end_of_turn: str, image_token_id: int) -> GenerationConfig:
+    end = tokenizer.convert_tokens_to_ids(end_of_turn)
+    return GenerationConfig(
+        eos_token_id=[end, tokenizer.eos_token_id],
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        suppress_tokens=[image_token_id],
+        do_sample=False,
+        max_new_tokens=256,
+    )
