@@ -73,10 +73,12 @@ def encode_row(row: dict[str, Any], processor: Any, fmt: RowFormat, counters: Da
     has_image = pixels is not None
     try:
         turns = row_turns(row, fmt, has_image=has_image)
+        # A tiling processor returns (tiles, 3, S, S): each tile is a run of image tokens.
+        tiles = pixels.shape[0] if has_image and pixels.ndim == 4 else 1
         if fmt.length_policy == "truncate":
-            encoding = processor.encode_conversation(turns, has_image=has_image, max_length=fmt.max_length)
+            encoding = processor.encode_conversation(turns, has_image=has_image, max_length=fmt.max_length, image_tiles=tiles)
         else:
-            encoding = processor.encode_conversation(turns, has_image=has_image)
+            encoding = processor.encode_conversation(turns, has_image=has_image, image_tiles=tiles)
             if encoding is not None and len(encoding["input_ids"]) > fmt.max_length:
                 encoding = None
     except ValueError:  # InvalidRecord included: unparsable turns, misplaced <image>

@@ -185,3 +185,63 @@ def test_converted_model_runs_in_every_traversal_mode(internlm2, mode):
             again = model.generate(**batch, max_new_tokens=4, min_new_tokens=4, eos_token_id=None, use_cache=False)
             assert torch.equal(cached, again)
     assert PLORA_RANK == model.partial_lora_layers()[0].plora_A.out_features
+
+
+def test_stage2_lora_trains_on_top_of_partial_lora_and_merges_without_it(internlm2, tmp_path):
+    from trol.training import LoraSettings, merge_lora, prepare_for_stage
+
+    _, dst, _ = internlm2
+    model = TroLForConditionalGeneration.from_pretrained(dst)
+    processor = TroLProcessor.from_pretrained(dst)
+    parts = prepare_for_stage(model, "2", LoraSettings(r=4, alpha=8, dropout=0.0))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and not any(".plora_" in n for n in trainable), "the released adapters stay frozen by default"
+    assert any(".q_proj.base.lora_A" in n for n in trainable), "LoRA sits on the linear inside the partial LoRA"
+    rng = np.random.default_rng(3)
+    image = Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8))
+    turns = [{"role": "user", "content": "Describe the image."}, {"role": "assistant", "content": "a red square"}]
+    enc = processor.encode_conversation(turns, has_image=True)
+    batch = processor.collate([enc], [processor.prepare_image(image)])
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if ".plora_" in n}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(3):
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert torch.isfinite(loss) and parts.counts["trainable"] > 0
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if ".plora_" in n)
+    model.eval()
+    with torch.no_grad():
+        before = model(**batch).logits
+    assert merge_lora(model) == 14
+    assert len(model.partial_lora_layers()) == 14, "merging LoRA never touches the partial LoRA"
+    model.save_pretrained(tmp_path / "merged")
+    again = TroLForConditionalGeneration.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch).logits, before, atol=1e-4, rtol=1e-4)
+    prepare_for_stage(again, "2", LoraSettings(r=4), train_partial_lora=True)
+    assert any(p.requires_grad for n, p in again.named_parameters() if ".plora_" in n)
+
+
+def test_transformers_pipeline_captions_a_converted_model_with_only_import_trol(internlm2, phi3):
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, trol\n"
+        "from PIL import Image\n"
+        "from transformers import pipeline\n"
+        "for path in sys.argv[1:]:\n"
+        "    pipe = pipeline('image-text-to-text', model=path)\n"
+        "    chat = [{'role': 'user', 'content': [{'type': 'image', 'image': Image.new('RGB', (60, 30), 'red')},\n"
+        "                                        {'type': 'text', 'text': 'Describe the image.'}]}]\n"
+        "    out = pipe(text=chat, max_new_tokens=3)\n"
+        "    print(type(pipe.model).__name__, type(pipe.processor).__name__, repr(out[0]['generated_text'][-1]['role']))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(internlm2[1]), str(phi3[1])],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [ln for ln in result.stdout.splitlines() if ln.startswith("TroL")]
+    assert lines == ["TroLForConditionalGeneration TroLProcessor 'assistant'"] * 2

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase, ProcessorMixin
 
 PROCESSOR_FILE = "processor_config.json"
 IGNORE_INDEX = -100
@@ -34,15 +34,22 @@ class ChatFormat:
     def system_turn(self) -> str:
         return f"{self.system_prefix}{self.system}{self.turn_suffix}" if self.system else ""
 
-    def jinja(self) -> str:
-        """The same format as a tokenizer chat template, for tools that use apply_chat_template."""
+    def jinja(self, image_placeholder: str = "<image>") -> str:
+        """The same format as a chat template, for apply_chat_template. A message's content is
+        a string or a list of {"type": "image"} / {"type": "text", "text": ...} parts (an
+        image part becomes the placeholder and a newline, as build_prompt writes it)."""
         q = json.dumps
+        content = (
+            "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for part in m['content'] %}"
+            f"{{% if part['type'] == 'image' %}}{{{{ {q(image_placeholder + chr(10))} }}}}"
+            "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+        )
         return (
             "{{ bos_token }}"
             f"{{{{ {q(self.system_turn())} }}}}"
             "{% for m in messages %}{% if m['role'] == 'user' %}"
-            f"{{{{ {q(self.user_prefix)} }}}}{{{{ m['content'] }}}}{{{{ {q(self.turn_suffix)} }}}}"
-            f"{{% else %}}{{{{ {q(self.assistant_prefix)} }}}}{{{{ m['content'] }}}}{{{{ {q(self.turn_suffix)} }}}}"
+            f"{{{{ {q(self.user_prefix)} }}}}{content}{{{{ {q(self.turn_suffix)} }}}}"
+            f"{{% else %}}{{{{ {q(self.assistant_prefix)} }}}}{content}{{{{ {q(self.turn_suffix)} }}}}"
             "{% endif %}{% endfor %}"
             f"{{% if add_generation_prompt %}}{{{{ {q(self.assistant_prefix)} }}}}{{% endif %}}"
         )
@@ -76,7 +83,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-class TroLProcessor:
+class TroLProcessor(ProcessorMixin):
     """Called like transformers processors: `processor(text=[...], images=[...], return_tensors="pt")`.
 
     Each `image_placeholder` in a text is one image, consumed from `images` in order. An image
@@ -96,10 +103,10 @@ class TroLProcessor:
         image_start: str = "",
         image_end: str = "",
     ):
-        self.tokenizer = tokenizer
         self.image_seq_length = image_seq_length
         self.image = image or ImageSettings()
         self.chat = chat or ChatFormat()
+        super().__init__(tokenizer, chat_template=self.chat.jinja(image_placeholder))
         self.image_token = image_token
         self.image_placeholder = image_placeholder
         self.image_start, self.image_end = image_start, image_end
@@ -113,7 +120,7 @@ class TroLProcessor:
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.chat_template = self.chat.jinja()
+        self.tokenizer.chat_template = self.chat_template
         self.tokenizer.save_pretrained(directory)
         settings = {
             "processor_class": type(self).__name__,
@@ -181,12 +188,19 @@ class TroLProcessor:
 
     def _pixels(self, image: Image.Image | np.ndarray | torch.Tensor) -> torch.Tensor:
         """Any accepted image form → float32 (tiles, 3, size, size)."""
+        if not isinstance(image, Image.Image) and not self._is_prepared(image):
+            image = Image.fromarray(np.asarray(image.cpu() if isinstance(image, torch.Tensor) else image))  # raw H×W(×C)
         if isinstance(image, Image.Image):
             image = self.prepare_image(image)
         # A copy: inputs may be read-only. Tensors stay on their device (normalise on the GPU).
         pixels = image.clone() if isinstance(image, torch.Tensor) else torch.as_tensor(np.asarray(image)).clone()
         pixels = self.normalize(pixels) if pixels.dtype == torch.uint8 else pixels.float()
         return pixels.unsqueeze(0) if pixels.dim() == 3 else pixels
+
+    def _is_prepared(self, array: Any) -> bool:
+        """(3, S, S) or (tiles, 3, S, S) at this processor's size; anything else is a raw image."""
+        shape = tuple(array.shape)
+        return len(shape) in (3, 4) and shape[-3:] == (3, self.image.size, self.image.size)
 
     def image_tokens(self, tiles: int) -> str:
         return self.image_start + self.image_token * (tiles * self.image_seq_length) + self.image_end
@@ -216,12 +230,23 @@ class TroLProcessor:
 
     def __call__(
         self,
-        text: str | list[str],
-        images: list[Image.Image | np.ndarray | None] | None = None,
+        text: str | list[str] | None = None,
+        images: Image.Image | list[Image.Image | np.ndarray | None] | None = None,
         return_tensors: str = "pt",
         padding_side: str = "left",
+        **_ignored: Any,  # transformers' callers pass padding=True etc.; rows are always padded
     ) -> BatchFeature:
+        if text is None:
+            raise ValueError("text is required: build it with processor.build_prompt(...) or apply_chat_template")
         texts = [text] if isinstance(text, str) else list(text)
+        if isinstance(images, Image.Image):
+            images = [images]
+        # apply_chat_template passes one list of images per conversation: flatten, order kept.
+        images = [im for item in (images or []) for im in (item if isinstance(item, (list, tuple)) else [item])]
+        bos = self.tokenizer.bos_token
+        # A chat template already wrote the BOS token: don't add a second one.
+        texts_have_bos = [bool(bos) and t.startswith(bos) for t in texts]
+        texts = [t[len(bos):] if has else t for t, has in zip(texts, texts_have_bos)]
         pixels = [self._pixels(im) for im in (images or []) if im is not None]
         placeholders = sum(t.count(self.image_placeholder) for t in texts)
         if placeholders != len(pixels):

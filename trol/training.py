@@ -35,14 +35,21 @@ def is_stage1_parameter(name: str) -> bool:
 
 
 def is_lora_parameter(name: str) -> bool:
-    return "lora_" in name
+    """peft's LoRA (`….lora_A.default.weight`), not the released partial LoRA (`….plora_A.weight`)."""
+    return ".lora_" in name
+
+
+def is_partial_lora_parameter(name: str) -> bool:
+    return ".plora_" in name
 
 
 def lora_targets(model: TroLForConditionalGeneration, settings: LoraSettings) -> list[str]:
-    if settings.target_modules:
-        return list(settings.target_modules)
     family = model.config.text_config.model_type
-    return DEFAULT_LORA_TARGETS.get(family, DEFAULT_LORA_TARGETS["default"])
+    names = list(settings.target_modules or DEFAULT_LORA_TARGETS.get(family, DEFAULT_LORA_TARGETS["default"]))
+    # A layer wrapped by a partial LoRA is adapted on its inner `base` linear (peft cannot wrap
+    # our wrapper), so the partial LoRA stays on top and keeps working.
+    wrapped = {n.rsplit(".", 2)[-2] for n, _ in model.named_modules() if n.endswith(".base")}
+    return [f"{name}.base" if name in wrapped else name for name in names]
 
 
 def add_lora(model: TroLForConditionalGeneration, settings: LoraSettings) -> None:
@@ -62,8 +69,9 @@ def add_lora(model: TroLForConditionalGeneration, settings: LoraSettings) -> Non
         raise ValueError(f"lora.target_modules={config.target_modules} matched no linear layer of the LLM")
 
 
-def select_trainable(model: TroLForConditionalGeneration, stage: str) -> dict[str, int]:
-    """Freeze everything the stage does not train; returns parameter counts."""
+def select_trainable(model: TroLForConditionalGeneration, stage: str, train_partial_lora: bool = False) -> dict[str, int]:
+    """Freeze everything the stage does not train; returns parameter counts. The released
+    partial LoRA (image tokens only) trains in stage 2 only when asked, and always in "full"."""
     if stage not in STAGES:
         raise ValueError(f"stage={stage!r}: choose one of {STAGES}")
     for name, param in model.named_parameters():
@@ -72,7 +80,8 @@ def select_trainable(model: TroLForConditionalGeneration, stage: str) -> dict[st
         elif stage == "1":
             param.requires_grad_(is_stage1_parameter(name))
         else:
-            param.requires_grad_(is_stage1_parameter(name) or is_lora_parameter(name))
+            param.requires_grad_(is_stage1_parameter(name) or is_lora_parameter(name)
+                                 or (train_partial_lora and is_partial_lora_parameter(name)))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"trainable": trainable, "total": sum(p.numel() for p in model.parameters())}
 
@@ -99,11 +108,13 @@ class TrainingParts:
     counts: dict[str, int] = field(default_factory=dict)
 
 
-def prepare_for_stage(model: TroLForConditionalGeneration, stage: str, lora: LoraSettings | None = None) -> TrainingParts:
+def prepare_for_stage(
+    model: TroLForConditionalGeneration, stage: str, lora: LoraSettings | None = None, train_partial_lora: bool = False
+) -> TrainingParts:
     """Add adapters where the stage needs them and set requires_grad accordingly."""
     if stage == "2":
         add_lora(model, lora or LoraSettings())
-    counts = select_trainable(model, stage)
+    counts = select_trainable(model, stage, train_partial_lora)
     return TrainingParts(stage=stage, lora=lora if stage == "2" else None, counts=counts)
 
 
@@ -124,7 +135,7 @@ def quantization_config(bits: int | None):
         bnb_4bit_compute_dtype=torch.bfloat16,
         bnb_4bit_use_double_quant=True,
         # Matched as name prefixes or suffixes: the mixer's linear is "...mixer.gate_linear".
-        llm_int8_skip_modules=["vision", "gate_linear", "lm_head"],
+        llm_int8_skip_modules=["vision", "gate_linear", "plora_A", "plora_B", "lm_head"],
     )
 
 
