@@ -278,3 +278,19 @@ print(counts["written_tensors"], (peak - base) // 1024)
     # Measured ~100 MB (shard buffer, its serialised copy, one tensor, touched mmap pages); holding
     # the model would add 320 MB or more.
     assert grown_mb < 200, f"peak RSS grew by {grown_mb} MB converting 320 MB"
+
+
+def test_captioner_batches_images_with_different_tile_counts(phi3):
+    from trol import Captioner
+
+    _, dst, _ = phi3
+    captioner = Captioner(str(dst), dtype="float32", device="cpu")
+    rng = np.random.default_rng(5)
+    shapes = [(28, 70), (30, 30), (90, 20)]  # 3x1+1, 1 and 1x5+1 tiles
+    tiles = [captioner.processor.prepare_image(Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)))
+             for h, w in shapes]
+    assert [t.shape[0] for t in tiles] == [4, 1, 6] and all(t.dtype == np.uint8 for t in tiles)
+    together = captioner.caption(tiles, "Describe the image.", max_new_tokens=5)
+    alone = [captioner.caption([t], "Describe the image.", max_new_tokens=5)[0] for t in tiles]
+    assert [r.text for r in together] == [r.text for r in alone]
+    assert [r.num_tokens for r in together] == [r.num_tokens for r in alone]

@@ -20,10 +20,11 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """"auto" is bf16 on GPUs that support it, float32 elsewhere (CPU bf16 matmuls are slow)."""
+    """"auto" is bf16 on GPUs that support it, fp16 on older GPUs, float32 on CPU (CPU bf16
+    matmuls are slow)."""
     if dtype == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: choose auto, {', '.join(DTYPES)}")
