@@ -11,6 +11,7 @@ the model (or the conversion fails naming it) and every model tensor gets a valu
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 import uuid
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from transformers import GenerationConfig
 
 from ..config import TroLConfig
 from ..modeling import TroLForConditionalGeneration
@@ -111,7 +113,7 @@ def convert_released(src: str, dst: str, *, traversal: str = "prefill", max_shar
         projector=plan["projector"], vision_feature_layer=plan["vision_feature_layer"],
         pixel_shuffle_ratio=plan["pixel_shuffle_ratio"], traversal=traversal, plora=plan["plora"],
     )
-    dtype = next(iter({t for _, t in _first_float(files)}), torch.float32)
+    dtype = next((t for _, t in _first_float(files)), torch.float32)  # kept as released
     config.dtype = dtype
     expected = expected_state(lambda: TroLForConditionalGeneration(config))
     tower_prefix = _tower_prefix(expected)
@@ -126,14 +128,13 @@ def convert_released(src: str, dst: str, *, traversal: str = "prefill", max_shar
         counts = convert_tensors(_all_tensors(source, files, module, raw, shapes, tower_prefix, config),
                                  _combined_mapper(module, raw, shapes, tower_prefix, config), expected, writer)
         config.save_pretrained(tmp)
-        # config.save_pretrained may not write weights; the index/shards are ours.
         processor = TroLProcessor(
             tokenizer, image_seq_length=plan["image_seq_length"], image=plan["image"], chat=plan["chat"],
             image_token=plan["image_token"], image_placeholder=plan["image_placeholder"],
             image_start=plan["image_start"], image_end=plan["image_end"],
         )
         processor.save_pretrained(tmp)
-        module.generation_config(tokenizer, plan["end_of_turn"], image_token_id).save_pretrained(tmp)
+        generation_config(tokenizer, plan, image_token_id).save_pretrained(tmp)
         report = {"source": src, "family": family, "traversal": traversal, "dtype": str(dtype).replace("torch.", ""),
                   **counts, "bytes": writer.total_bytes, "seconds": round(time.time() - started, 1)}
         (tmp / "conversion.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -144,6 +145,18 @@ def convert_released(src: str, dst: str, *, traversal: str = "prefill", max_shar
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return report
+
+
+def generation_config(tokenizer, plan: dict, image_token_id: int) -> GenerationConfig:
+    """Greedy by default; a reply ends at the family's end-of-turn marker or end of text."""
+    return GenerationConfig(
+        eos_token_id=[tokenizer.convert_tokens_to_ids(plan["end_of_turn"]), tokenizer.eos_token_id],
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        suppress_tokens=[image_token_id] if plan["suppress_image_token"] else None,
+        do_sample=False,
+        max_new_tokens=256,
+    )
 
 
 def _first_float(files: list[Path]):
@@ -173,9 +186,20 @@ def _all_tensors(source, files, module, raw, shapes, tower_prefix, config):
         yield GATE_PREFIX + name, tensor
 
 
+def gate_mapper(num_layers: int):
+    def mapper(name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        m = re.match(r"^(\d+)\.(weight|bias)$", name)
+        if m is None or int(m.group(1)) >= num_layers:
+            raise ConversionError(f"{GATES_FILE}: unexpected tensor {name} (expected 0..{num_layers - 1}.weight/bias)")
+        # The release saves one gate under every layer index (shared storage): each mixer gets its own copy.
+        return [(f"language_model.model.layers.{m.group(1)}.mixer.gate_linear.{m.group(2)}", t.clone())]
+
+    return mapper
+
+
 def _combined_mapper(module, raw, shapes, tower_prefix, config):
     tensors = module.tensor_mapper(raw, shapes, tower_prefix)
-    gates = internlm2.gate_mapper(config.text_config.num_hidden_layers)
+    gates = gate_mapper(config.text_config.num_hidden_layers)
 
     def mapper(name, tensor):
         if name.startswith(GATE_PREFIX):

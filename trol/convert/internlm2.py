@@ -11,12 +11,11 @@ InternLM2 becomes a transformers Llama decoder:
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import torch
-from transformers import CLIPVisionConfig, GenerationConfig, LlamaConfig
+from transformers import CLIPVisionConfig, LlamaConfig
 
 from ..processing import ChatFormat, ImageSettings
 from .checkpoint import ConversionError
@@ -45,7 +44,7 @@ def is_internlm2(config: dict, names: set[str]) -> bool:
     return "model.tok_embeddings.weight" in names or config.get("model_type") == "internlm2"
 
 
-def text_config(config: dict, embedding_rows: int, plora_rank: int) -> LlamaConfig:
+def text_config(config: dict, embedding_rows: int) -> LlamaConfig:
     heads = config["num_attention_heads"]
     rope = {"rope_type": "default", "rope_theta": float(config.get("rope_theta", 10000.0))}
     scaling = config.get("rope_scaling")
@@ -105,7 +104,7 @@ def plan(src: Path, config: dict, shapes: dict[str, tuple[int, ...]]) -> dict:
     vision = vision_config(shapes["vit.vision_tower.vision_model.embeddings.position_embedding.weight"][0], shapes)
     grid = vision.image_size // vision.patch_size
     return {
-        "text_config": text_config(config, embedding_rows, rank),
+        "text_config": text_config(config, embedding_rows),
         "vision_config": vision,
         "plora": {"r": rank, "alpha": float(rank)},  # the release scales by alpha/r = 256/256
         "projector": "mlp2x_gelu",
@@ -119,6 +118,7 @@ def plan(src: Path, config: dict, shapes: dict[str, tuple[int, ...]]) -> dict:
         "image_start": "",
         "image_end": "",
         "end_of_turn": "[UNUSED_TOKEN_145]",
+        "suppress_image_token": True,  # its LM-head row is the zero row added for it
     }
 
 
@@ -174,30 +174,3 @@ def tensor_mapper(config: dict, shapes: dict[str, tuple[int, ...]], tower_prefix
         raise ConversionError(f"source tensor {name} has no place in a TroL model; is this a released TroL-1.8B/7B?")
 
     return mapper
-
-
-def gate_mapper(num_layers: int):
-    def mapper(name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-        m = re.match(r"^(\d+)\.(weight|bias)$", name)
-        if m is None or int(m.group(1)) >= num_layers:
-            raise ConversionError(f"trol_gating.pt: unexpected tensor {name} (expected 0..{num_layers - 1}.weight/bias)")
-        # The release saves one gate under every layer index (shared storage): each mixer gets its own copy.
-        return [(f"language_model.model.layers.{m.group(1)}.mixer.gate_linear.{m.group(2)}", t.clone())]
-
-    return mapper
-
-
-def read_config(src: Path) -> dict:
-    return json.loads((src / "config.json").read_text())
-
-
-def generation_config(tokenizer, end_of_turn: str, image_token_id: int) -> GenerationConfig:
-    end = tokenizer.convert_tokens_to_ids(end_of_turn)
-    return GenerationConfig(
-        eos_token_id=[end, tokenizer.eos_token_id],
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        suppress_tokens=[image_token_id],
-        do_sample=False,
-        max_new_tokens=256,
-    )

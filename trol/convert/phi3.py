@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig, InternVLVisionConfig, Phi3Config
+from transformers import InternVLVisionConfig, Phi3Config
 
 from ..processing import ChatFormat, ImageSettings
 from .checkpoint import ConversionError
@@ -95,6 +95,7 @@ def plan(src: Path, config: dict, shapes: dict[str, tuple[int, ...]]) -> dict:
         "image_start": "<img>",
         "image_end": "</img>",
         "end_of_turn": "<|end|>",
+        "suppress_image_token": False,
     }
 
 
@@ -128,14 +129,3 @@ def tensor_mapper(config: dict, shapes: dict[str, tuple[int, ...]], tower_prefix
         raise ConversionError(f"source tensor {name} has no place in a TroL model; is this a released TroL-3.8B?")
 
     return mapper
-
-
-def generation_config(tokenizer, end_of_turn: str, image_token_id: int) -> GenerationConfig:
-    end = tokenizer.convert_tokens_to_ids(end_of_turn)
-    return GenerationConfig(
-        eos_token_id=[end, tokenizer.eos_token_id],
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        do_sample=False,
-        max_new_tokens=256,
-    )
