@@ -294,3 +294,18 @@ def test_captioner_batches_images_with_different_tile_counts(phi3):
     alone = [captioner.caption([t], "Describe the image.", max_new_tokens=5)[0] for t in tiles]
     assert [r.text for r in together] == [r.text for r in alone]
     assert [r.num_tokens for r in together] == [r.num_tokens for r in alone]
+
+
+def test_convert_command_line(internlm2, tmp_path):
+    import subprocess
+    import sys
+
+    ok = subprocess.run([sys.executable, "-m", "jobs.cli", "convert", str(internlm2[0]), str(tmp_path / "out"),
+                         "--traversal", "full"], capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    report = json.loads(ok.stdout[ok.stdout.index("{"):])
+    assert report["family"] == "internlm2" and report["traversal"] == "full"
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["traversal"] == "full"
+    again = subprocess.run([sys.executable, "-m", "trol.convert", str(internlm2[0]), str(tmp_path / "out")],
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "not empty" in again.stderr
