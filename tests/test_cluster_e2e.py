@@ -13,6 +13,7 @@ submitted with the `ray job submit` CLI and `--working-dir` (this checkout):
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -191,7 +192,5 @@ def _keys(client, bucket: str, prefix: str) -> list[str]:
     return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))
 
 
-def _open(client, bucket: str, key: str):
-    import io
-
+def _open(client, bucket: str, key: str) -> io.BytesIO:
     return io.BytesIO(client.get_object(Bucket=bucket, Key=key)["Body"].read())
