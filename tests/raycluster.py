@@ -3,7 +3,8 @@
 Other Ray sessions share this machine (other test runs, other people), so this cluster must
 never find or be found by them, and stopping it must touch only its own processes:
 
-- every port is chosen free here and passed explicitly, and everything binds 127.0.0.1;
+- every port is chosen free here and passed explicitly; nodes and dashboard use 127.0.0.1,
+  and token auth stays on (Ray's gRPC servers still listen on every interface);
 - private `--temp-dir`s keep its sockets, logs and `ray_current_cluster` file out of
   /tmp/ray, where a bare `ray.init()` elsewhere would look for a cluster to join;
 - its processes are recognised by a marker variable in their environment, which every
@@ -13,16 +14,20 @@ never find or be found by them, and stopping it must touch only its own processe
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
 import time
+import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 MARKER = "TROL_TEST_RAY_CLUSTER"
 
@@ -67,6 +72,7 @@ class LocalRayCluster:
     object_store_bytes: int = 400 * 1024 * 1024
     extra_env: dict[str, str] = field(default_factory=dict)
     marker: str = field(default_factory=lambda: uuid.uuid4().hex)
+    token: str = field(default_factory=lambda: secrets.token_hex(32), repr=False)
     temp_dir: Path | None = None
     gcs_port: int = 0
     dashboard_port: int = 0
@@ -76,13 +82,23 @@ class LocalRayCluster:
     def dashboard_url(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
+    def get_json(self, path: str, timeout: float = 30) -> Any:
+        """GET a dashboard REST path (jobs, state API) with this cluster's token."""
+        request = urllib.request.Request(f"{self.dashboard_url}{path}",
+                                         headers={"Authorization": f"Bearer {self.token}"})
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.load(response)
+
     def env(self) -> dict[str, str]:
         """Environment for the nodes and for the CLI calls made against them."""
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         # `ray job submit` runs its entrypoint with the first `python` on the raylet's PATH.
         env["PATH"] = f"{self.bin_dir}{os.pathsep}{env.get('PATH', '')}"
         env.update({
-            "RAY_AUTH_MODE": "disabled",  # tests only: a loopback cluster that lives minutes
+            # Token auth stays on: whatever address the nodes advertise, Ray's gRPC servers
+            # listen on every interface. A fresh token per cluster, in the environment only.
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": self.token,
             "RAY_USAGE_STATS_ENABLED": "0",
             MARKER: self.marker,
         })

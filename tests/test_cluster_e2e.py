@@ -18,6 +18,7 @@ import json
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -42,6 +43,10 @@ def cluster(s3_env) -> Iterator[LocalRayCluster]:
         "AWS_ENDPOINT_URL": s3_env.endpoint_url,
         # Ray Train's controller polls workers every 2 s by default; each report waits for it.
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+        # Ray Data hands batches to whichever predictor actor is up first; the tiny model then
+        # captions everything in under a second. Waiting for both makes "both actors worked"
+        # a property of the job, not of which node loaded the model faster.
+        "RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "300",
     })
     try:
         ray_cluster.start()
@@ -72,8 +77,7 @@ def wait_succeeded(cluster: LocalRayCluster, submission_id: str, timeout_s: floa
     deadline = time.monotonic() + timeout_s
     status = "PENDING"
     while time.monotonic() < deadline:
-        with urllib.request.urlopen(f"{cluster.dashboard_url}/api/jobs/{submission_id}", timeout=10) as r:
-            status = json.load(r)["status"]
+        status = cluster.get_json(f"/api/jobs/{submission_id}", timeout=10)["status"]
         if status in ("SUCCEEDED", "FAILED", "STOPPED"):
             break
         time.sleep(1.0)
@@ -85,8 +89,7 @@ def wait_succeeded(cluster: LocalRayCluster, submission_id: str, timeout_s: floa
 def actors_of_class(cluster: LocalRayCluster, class_name: str) -> list[dict]:
     query = urllib.parse.urlencode({"detail": "1", "limit": "1000", "filter_keys": "class_name",
                                     "filter_predicates": "=", "filter_values": class_name})
-    with urllib.request.urlopen(f"{cluster.dashboard_url}/api/v0/actors?{query}", timeout=30) as r:
-        return json.load(r)["data"]["result"]["result"]
+    return cluster.get_json(f"/api/v0/actors?{query}")["data"]["result"]["result"]
 
 
 def upload_folder(client, folder: Path, bucket: str, prefix: str) -> None:
@@ -103,6 +106,8 @@ def final_line(logs: str) -> str:
 
 
 def test_prepare_finetune_caption_on_a_two_node_cluster(cluster, s3_env, make_bucket, tiny_model):
+    with pytest.raises(urllib.error.HTTPError):  # token auth is on: no token, no jobs API
+        urllib.request.urlopen(f"{cluster.dashboard_url}/api/jobs/", timeout=10)
     client = s3_env.client()
     bucket = make_bucket("e2e")
     upload_folder(client, tiny_model, bucket, "base")
@@ -145,9 +150,9 @@ def test_prepare_finetune_caption_on_a_two_node_cluster(cluster, s3_env, make_bu
         print(f"{name} final line: {line}")
     print("caption job log, last lines:\n" + "\n".join(caption_logs.rstrip().split("\n")[-12:]))
 
-    # No credential ever shows in what the jobs print.
+    # No credential ever shows in what the jobs print: neither S3's nor the cluster's.
     for logs in (prepare_logs, finetune_logs, caption_logs):
-        assert s3_env.secret_key not in logs
+        assert s3_env.secret_key not in logs and cluster.token not in logs
 
     # prepare
     assert f"s3://{bucket}/digits" in endings["prepare"]
