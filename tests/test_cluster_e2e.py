@@ -146,9 +146,8 @@ def test_prepare_finetune_caption_on_a_two_node_cluster(cluster, s3_env, make_bu
     endings = {name: final_line(logs) for name, logs in
                [("prepare", prepare_logs), ("finetune", finetune_logs), ("caption", caption_logs)]}
     print(f"\ntwo-node e2e timings (s): {({k: round(v, 1) for k, v in timings.items()})}")
-    for name, line in endings.items():
-        print(f"{name} final line: {line}")
-    print("caption job log, last lines:\n" + "\n".join(caption_logs.rstrip().split("\n")[-12:]))
+    for name, logs in [("prepare", prepare_logs), ("finetune", finetune_logs), ("caption", caption_logs)]:
+        print(f"--- {name} job log, last lines:\n" + "\n".join(logs.rstrip().split("\n")[-8:]))
 
     # No credential ever shows in what the jobs print: neither S3's nor the cluster's.
     for logs in (prepare_logs, finetune_logs, caption_logs):
