@@ -18,12 +18,24 @@ from jobs.specs import CaptionSpec, SpecError, load_spec
 log = logging.getLogger("jobs.caption")
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {value}")
+    return value
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m jobs.caption", description=__doc__.split("\n\n")[0])
     parser.add_argument("spec", help="YAML caption spec (see jobs/examples/caption_local.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a spec field, e.g. --set batch_size=16 --set generation.max_new_tokens=20")
     parser.add_argument("--plan-only", action="store_true", help="check the spec and list the work; caption nothing")
+    parser.add_argument("--progress-every", type=_seconds, default=30.0, metavar="SECONDS",
+                        help="seconds between progress lines (shards done, rows/s); default %(default)s")
     return parser.parse_args(argv)
 
 
@@ -31,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from jobs.caption_progress import CaptionProgress
     from pipelines.caption import execute_caption, format_summary, plan_caption
 
     try:
@@ -48,9 +61,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if todo_rows:
         ensure_ray()
-    summary = execute_caption(plan)
+    with CaptionProgress(plan, interval_s=args.progress_every):
+        summary = execute_caption(plan)
     print(format_summary(summary), flush=True)
-    return 1 if summary["shards_failed"] else 0
+    failed = summary["shards_failed"]
+    print(f"caption: {'done' if not failed else f'{failed} shards failed (rerun to retry them)'}; "
+          f"outputs in {plan.output.uri}", flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from pipelines.finetune import format_finetune_summary, run_finetune
+    from pipelines.storage import parse_uri
 
     try:
         spec = load_spec(FinetuneSpec, args.spec, args.overrides)
@@ -35,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"finetune: spec error: {exc}", file=sys.stderr)
         return 2
     print(format_finetune_summary(summary), flush=True)
+    run_dir = parse_uri(spec.output).join(spec.name).uri
+    print(f"finetune: done; outputs in {run_dir} (model/, checkpoint_*/, loss_curve.png, training_summary.json)",
+          flush=True)
     return 0
 
 

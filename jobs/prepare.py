@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{parser.prog} {args.dataset}: error: {exc}", file=sys.stderr)
         return 2
     print(summary.format())
+    print(f"prepare: done; outputs in {summary.output}", flush=True)
     return 0
 
 
