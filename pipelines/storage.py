@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import posixpath
 import re
@@ -30,6 +31,7 @@ from urllib.parse import urlparse
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+_log = logging.getLogger(__name__)
 GLOB_CHARS = "*?["
 # Credential-chain methods whose keys do not rotate: safe to resolve once on the driver.
 _STATIC_METHODS = {"env", "shared-credentials-file", "config-file", "explicit", "boto-config"}
@@ -51,6 +53,52 @@ class StorageError(Exception):
 
 class NotFoundError(StorageError):
     """The object, file or bucket does not exist."""
+
+
+class TransientStorageError(StorageError):
+    """The store could not answer now (unreachable, 5xx, throttled, timed out): worth retrying."""
+
+
+# S3 error codes that say "try again later", not "this request is wrong".
+_TRANSIENT_CODES = {
+    "500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown", "Throttling",
+    "ThrottlingException", "RequestTimeout", "RequestLimitExceeded", "TooManyRequestsException",
+}
+# Fragments of pyarrow/AWS SDK error texts for the same conditions (pyarrow raises OSError).
+_TRANSIENT_TEXT = re.compile(
+    r"NETWORK_CONNECTION|Connection refused|connect|timed out|timeout|SLOW_DOWN|SERVICE_UNAVAILABLE|"
+    r"INTERNAL_FAILURE|THROTTLING|curlCode|Broken pipe|reset by peer|HTTP response code: 5\d\d",
+    re.IGNORECASE,
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Would the same request likely succeed a little later?"""
+    if isinstance(exc, TransientStorageError):
+        return True
+    if isinstance(exc, StorageError):
+        return False
+    return isinstance(describe_error(exc, "request"), TransientStorageError)
+
+
+def with_retries(action: Callable[[], Any], *, attempts: int, what: str, base_delay: float = 1.0,
+                 max_delay: float = 16.0, sleep: Callable[[float], None] | None = None) -> Any:
+    """Run `action`; on a transient error wait (1, 2, 4, ... s, capped) and try again, up to
+    `attempts` tries in all. Permanent errors, and the last transient one, are raised."""
+    import time
+
+    pause = sleep or time.sleep
+    for attempt in range(1, max(1, attempts) + 1):
+        try:
+            return action()
+        except Exception as exc:  # noqa: BLE001 - classified below
+            if attempt >= attempts or not is_transient(exc):
+                raise
+            delay = min(max_delay, base_delay * 2 ** (attempt - 1))
+            _log.warning("%s: transient error (%s), retry %d of %d in %.1f s",
+                         what, str(describe_error(exc, what))[:200], attempt, attempts - 1, delay)
+            pause(delay)
+    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)
@@ -143,9 +191,15 @@ def describe_error(exc: BaseException, what: str) -> StorageError:
             "(or AWS_PROFILE) in the environment"
         )
     if isinstance(exc, bx.EndpointConnectionError):
-        return StorageError(f"{what}: cannot connect to the S3 endpoint; check storage.endpoint_url / AWS_ENDPOINT_URL")
+        return TransientStorageError(
+            f"{what}: cannot connect to the S3 endpoint; check storage.endpoint_url / AWS_ENDPOINT_URL")
+    if isinstance(exc, (bx.ConnectionError, bx.HTTPClientError)):  # timeouts, resets, closed connections
+        return TransientStorageError(f"{what}: connection to the S3 endpoint failed ({type(exc).__name__})")
     if isinstance(exc, bx.ClientError):
         code = str(exc.response.get("Error", {}).get("Code", "Unknown"))
+        status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+        if code in _TRANSIENT_CODES or status.startswith("5"):
+            return TransientStorageError(f"{what}: S3 is unavailable or throttling ({code}); retry later")
         if code in _CREDENTIAL_CODES:
             return StorageError(
                 f"{what}: S3 rejected the credentials ({code}); check AWS_ACCESS_KEY_ID / "
@@ -164,7 +218,17 @@ def describe_error(exc: BaseException, what: str) -> StorageError:
         return StorageError(f"{what}: permission denied")
     # pyarrow and OS errors carry no credentials in their text; keep the first line.
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, (ConnectionError, TimeoutError)) or (
+        isinstance(exc, OSError) and _TRANSIENT_TEXT.search(str(exc))
+    ):
+        return TransientStorageError(f"{what}: {first}")
     return StorageError(f"{what}: {first}")
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    size: int
+    version: str  # "etag:..." on S3, "mtime:<ns>" locally
 
 
 _clients: dict[Any, Any] = {}
@@ -323,6 +387,31 @@ class Storage:
             self.s3_client().put_object(Bucket=bucket, Key=key, Body=data)
         except Exception as exc:
             raise describe_error(exc, f"writing {loc.uri}") from None
+
+    def stat(self, loc: Location) -> FileIdentity:
+        """Size and version (S3 ETag, or local mtime in ns) of one object: what identifies
+        its contents cheaply, so a replaced input is noticed."""
+        try:
+            if loc.scheme == "file":
+                st = os.stat(loc.path)
+                return FileIdentity(int(st.st_size), f"mtime:{st.st_mtime_ns}")
+            bucket, _, key = loc.path.partition("/")
+            head = self.s3_client().head_object(Bucket=bucket, Key=key)
+            return FileIdentity(int(head["ContentLength"]), f"etag:{str(head.get('ETag', '')).strip(chr(34))}")
+        except Exception as exc:
+            raise describe_error(exc, f"checking {loc.uri}") from None
+
+    def delete(self, loc: Location) -> None:
+        """Remove one object; a missing one is fine."""
+        try:
+            if loc.scheme == "file":
+                if os.path.exists(loc.path):
+                    os.unlink(loc.path)
+                return
+            bucket, _, key = loc.path.partition("/")
+            self.s3_client().delete_object(Bucket=bucket, Key=key)
+        except Exception as exc:
+            raise describe_error(exc, f"deleting {loc.uri}") from None
 
     def read_json(self, loc: Location) -> Any:
         return json.loads(self.read_bytes(loc))
