@@ -37,6 +37,7 @@ from .images import describe_exception
 log = logging.getLogger(__name__)
 _ACTOR_QUEUE = 2  # batches per actor: one running, one waiting, so the device never idles
 _READ_AHEAD = 2  # batches per open shard read but not yet handed to an actor
+_RESOURCE_WAIT_S = 600  # how long the predictor actors may wait for the cluster's resources
 
 
 class RunAborted(RuntimeError):
@@ -83,25 +84,49 @@ class CaptionRunner:
         self.open: dict[str, OpenShard] = {}
         self.calls: dict[Any, Call] = {}
         self.retry: list[tuple[float, Call]] = []
+        self.group: Any = None
         self.actors: list[Any] = []
         self.actor_load: list[int] = []
+        # An actor that died is being restarted by Ray: calls to it fail at once until it is
+        # back, so it gets no batches; a cheap ping tells when it is ready again.
+        self.actor_ready: list[bool] = []
+        self.pings: dict[Any, int] = {}
+        self.ping_due: dict[int, float] = {}
 
     # --- set-up ----------------------------------------------------------------------------
 
     def _start(self) -> None:
         import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from .predictor import CaptionPredictor
 
         spec = self.spec
-        actor_cls = ray.remote(CaptionPredictor).options(
-            num_cpus=spec.cpus_per_actor, num_gpus=spec.gpus_per_actor, max_restarts=-1, max_task_retries=0)
-        for _ in range(spec.actors):
-            self.actors.append(actor_cls.remote(
+        spare = ray.cluster_resources().get("CPU", 0) - spec.actors * spec.cpus_per_actor
+        if spare < 1:
+            raise RunAborted(f"{spec.actors} actors × {spec.cpus_per_actor} CPU leave no whole CPU for reading "
+                             "shards on this cluster; lower actors or cpus_per_actor")
+        # The actors' resources are reserved in a placement group: reader tasks queued for a
+        # CPU can never take the place of an actor that Ray is restarting (a deadlock:
+        # readers wait for the actor to take their batches, the actor waits for a CPU).
+        bundle = {"CPU": spec.cpus_per_actor, **({"GPU": spec.gpus_per_actor} if spec.gpus_per_actor else {})}
+        self.group = placement_group([bundle] * spec.actors, strategy="SPREAD")
+        ready, _ = ray.wait([self.group.ready()], timeout=_RESOURCE_WAIT_S)
+        if not ready:
+            raise RunAborted(f"the cluster did not offer {spec.actors} × {bundle} for the predictor actors within "
+                             f"{_RESOURCE_WAIT_S} s; lower actors, gpus_per_actor or cpus_per_actor")
+        actor_cls = ray.remote(CaptionPredictor)
+        for i in range(spec.actors):
+            strategy = PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=i)
+            self.actors.append(actor_cls.options(
+                num_cpus=spec.cpus_per_actor, num_gpus=spec.gpus_per_actor, scheduling_strategy=strategy,
+                max_restarts=-1, max_task_retries=0).remote(
                 model=self.plan.model, model_id=spec.model, storage=self.plan.storage, cache_dir=spec.model_cache_dir,
                 dtype=spec.dtype, device="cpu" if spec.gpus_per_actor == 0 else None, prompt=spec.prompt,
                 generation=spec.generation.model_dump()))
             self.actor_load.append(0)
+            self.actor_ready.append(True)
         self.reader = ray.remote(read_shard_stream).options(
             num_cpus=1, num_returns="streaming", max_retries=0,
             _generator_backpressure_num_objects=2 * (_READ_AHEAD + 1))
@@ -135,7 +160,9 @@ class CaptionRunner:
                     self._open(queue.popleft())
                 self._maintain()
                 self._dispatch()
-                waitables = [st.reader for st in self.open.values() if self._wants_more(st)] + list(self.calls)
+                self._ping_due_actors()
+                waitables = ([st.reader for st in self.open.values() if self._wants_more(st)] + list(self.calls)
+                             + list(self.pings))
                 if waitables:
                     ready, _ = ray.wait(waitables, num_returns=1, timeout=0.2, fetch_local=False)
                     if ready:
@@ -143,6 +170,8 @@ class CaptionRunner:
                     for item in ready:
                         if item in self.calls:
                             self._on_result(item)
+                        elif item in self.pings:
+                            self._on_ping(item)
                         else:
                             self._on_reader(item)
                 else:
@@ -189,8 +218,9 @@ class CaptionRunner:
         for rel, st in self.open.items():  # oldest shard first: finish shards, free their slots
             while st.backlog:
                 pending.append(Call(rel, st.attempt, st.backlog.popleft(), 0, -1))
-        while pending:
-            slot = min(range(len(self.actors)), key=lambda i: self.actor_load[i])
+        ready = [i for i in range(len(self.actors)) if self.actor_ready[i]]
+        while pending and ready:
+            slot = min(ready, key=lambda i: self.actor_load[i])
             if self.actor_load[slot] >= _ACTOR_QUEUE:
                 break
             call = pending.popleft()
@@ -256,7 +286,8 @@ class CaptionRunner:
             if isinstance(exc, ActorDiedError) and "creation task" in str(exc):
                 raise RunAborted(f"the predictor could not start (model {self.spec.model}): "
                                  f"{_last_line(str(exc))}") from None
-            self._retry_call(call, f"predictor actor died: {type(exc).__name__}", delay=0.5)
+            self._actor_lost(call.actor)
+            self._retry_call(call, f"predictor actor died: {type(exc).__name__}", delay=0.0)
             return
         except Exception as exc:  # noqa: BLE001 - InfrastructureError or an unexpected failure
             self._retry_call(call, _last_line(str(exc)), delay=None)
@@ -275,6 +306,38 @@ class CaptionRunner:
             self._fail_shard(st, f"rows do not fit the shard: {exc}")
             return
         self._maybe_commit(st)
+
+    def _actor_lost(self, slot: int) -> None:
+        if self.actor_ready[slot]:
+            log.warning("predictor actor %d died; Ray restarts it, its batches go out again", slot)
+            self.actor_ready[slot] = False
+            self.ping_due[slot] = time.time()
+
+    def _ping_due_actors(self) -> None:
+        now = time.time()
+        for slot, due in list(self.ping_due.items()):
+            if due <= now:
+                del self.ping_due[slot]
+                self.pings[self.actors[slot].model_id.remote()] = slot
+
+    def _on_ping(self, ref: Any) -> None:
+        import ray
+        from ray.exceptions import ActorDiedError
+
+        slot = self.pings.pop(ref)
+        try:
+            ray.get(ref)
+        except ActorDiedError as exc:
+            if "creation task" in str(exc):
+                raise RunAborted(f"the predictor could not restart (model {self.spec.model}): "
+                                 f"{_last_line(str(exc))}") from None
+            self.ping_due[slot] = time.time() + 1.0
+            return
+        except Exception:  # noqa: BLE001 - still restarting: ask again shortly
+            self.ping_due[slot] = time.time() + 1.0
+            return
+        log.info("predictor actor %d is back", slot)
+        self.actor_ready[slot] = True
 
     def _retry_call(self, call: Call, why: str, delay: float | None) -> None:
         st = self.open.get(call.rel)
@@ -332,6 +395,10 @@ class CaptionRunner:
                 ray.kill(actor)
             except Exception:  # noqa: BLE001
                 pass
+        if self.group is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self.group)
 
 
 def _last_line(text: str) -> str:

@@ -51,7 +51,9 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft_siz
                 # draft_size on each side, and the processor resizes it anyway.
                 img.draft(img.mode, (draft_size, draft_size))
             img.load()
-            if img.getexif().get(0x0112, 1) != 1:  # EXIF orientation: phone photos lie sideways
+            # EXIF orientation: phone photos lie sideways. Parsing EXIF costs more than
+            # decoding a small image, so only images that carry EXIF are asked.
+            if "exif" in img.info and img.getexif().get(0x0112, 1) != 1:
                 img = ImageOps.exif_transpose(img)
             return img, None
     except Image.DecompressionBombError as exc:
