@@ -198,8 +198,8 @@ def _decide(shard: Shard, storage: Storage, existing: set[str], fp: str, model: 
     shard.why = "done"
     if retry_errors and int(stats.get("errors", 0)) > 0:
         try:
-            errors = pq.read_table(storage.filesystem(shard.out).open_input_file(shard.out.path),
-                                   columns=["error"]).column("error")
+            with storage.filesystem(shard.out).open_input_file(shard.out.path) as f:
+                errors = pq.read_table(f, columns=["error"]).column("error")
         except Exception:  # noqa: BLE001 - an unreadable output is redone whole
             shard.why = "incomplete: committed output unreadable"
             return

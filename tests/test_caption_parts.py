@@ -194,3 +194,44 @@ def test_reader_streams_row_groups_and_keeps_per_row_shapes(tmp_path: Path) -> N
     with pytest.raises(ShardReadError, match="reading shard failed") as err:
         list(iter_shard_batches(str(tmp_path / "bad.parquet"), **kwargs))
     assert not err.value.transient
+
+
+class FlakyCaptioner:
+    """Runs out of memory on batches over `fits` images; fails on the image holding -1."""
+
+    def __init__(self, fits: int):
+        self.fits, self.calls = fits, []
+
+    def caption(self, arrays, prompt, **kw):
+        from trol import CaptionResult
+
+        self.calls.append(len(arrays))
+        if len(arrays) > self.fits:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        if any(a.min() < 0 for a in arrays):
+            raise ValueError("this image cannot be captioned")
+        return [CaptionResult(text=f"c{int(a.max())}", num_tokens=2) for a in arrays]
+
+
+def predictor_with(captioner) -> "CaptionPredictor":  # noqa: F821
+    from pipelines.predictor import CaptionPredictor
+
+    pred = CaptionPredictor.__new__(CaptionPredictor)  # the model-loading constructor is not under test
+    pred.captioner, pred.prompt, pred.generation, pred.actor = captioner, "p", {}, "test"
+    return pred
+
+
+def test_predictor_splits_on_memory_isolates_bad_rows_and_raises_persistent_oom() -> None:
+    from pipelines.predictor import InfrastructureError
+
+    arrays = [np.full((3, 2, 2), v, np.float32) for v in (1, 2, -1, 4, 5)]
+    errors = [None, None, None, "image is null", None]
+    batch = pa.table({"__row": pa.array(range(5), pa.int64()), "error": pa.array(errors, pa.string()),
+                      **pack_arrays([a if e is None else None for a, e in zip(arrays, errors)])})
+    cap = FlakyCaptioner(fits=2)
+    out, actor = predictor_with(cap)(batch)
+    assert out.column("caption").to_pylist() == ["c1", "c2", None, None, "c5"]
+    assert "cannot be captioned" in out.column("error")[2].as_py() and out.column("error")[3].as_py() == "image is null"
+    assert cap.calls[0] == 4 and max(cap.calls[1:]) <= 2  # the 4 good-looking rows, then halves
+    with pytest.raises(InfrastructureError, match="out of memory on a single image"):
+        predictor_with(FlakyCaptioner(fits=0))(batch)
