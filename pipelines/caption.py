@@ -114,7 +114,8 @@ def summarize(plan: CaptionPlan, outcome: Any, t_start: float, t_end: float) -> 
         "startup_seconds": round(first_out - t_start, 3) if first_out else None,
         "images_per_s": round(rows_out / seconds, 3), "tokens_per_s": round(tokens / seconds, 3),
         "steady_images_per_s": round(outcome.rows_after_first / steady, 3) if steady else None,
-        "rows_per_actor": dict(outcome.per_actor), "spec": public_dump(plan.spec),
+        "rows_per_actor": dict(outcome.per_actor), "driver_peak_rss_mib": peak_rss_mib(),
+        "spec": public_dump(plan.spec),
     }
     if aborted is not None:
         summary["aborted"] = f"{type(aborted).__name__}: {str(aborted).strip().splitlines()[-1][:500]}"
@@ -123,6 +124,19 @@ def summarize(plan: CaptionPlan, outcome: Any, t_start: float, t_end: float) -> 
     except Exception as exc:  # noqa: BLE001 - the shards are committed; the summary is a report
         log.error("could not write the summary: %s", exc)
     return summary
+
+
+def peak_rss_mib() -> float | None:
+    """This process's peak resident memory (Linux VmHWM, which starts afresh at exec, so a
+    driver started from a big parent reports only its own)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def exit_status(summary: dict[str, Any]) -> int:

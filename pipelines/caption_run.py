@@ -247,10 +247,11 @@ class CaptionRunner:
             return
         try:
             ref = next(reader)
-        except StopIteration:
-            st.reader_done = True
-            if not st.assembly.complete:  # ended without saying how: its worker died
-                self._retry_shard(st, "the reader ended early")
+        except StopIteration:  # ended without its closing header: its worker died
+            self._retry_shard(st, "the reader ended early")
+            return
+        except Exception as exc:  # noqa: BLE001 - the reader task itself failed (worker crash)
+            self._retry_shard(st, f"the reader died: {describe_exception(exc)}")
             return
         if st.expect_table:
             st.expect_table = False

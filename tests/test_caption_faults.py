@@ -16,7 +16,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from caption_helpers import REPO, driver_env, start_driver, wait_with_peak_rss, write_spec
+from caption_helpers import REPO, driver_env, start_driver, wait_for_exit, write_spec
 from pipelines.caption import run_caption
 from pipelines.specs import CaptionSpec, build_spec
 from s3server import restart_s3_server, start_s3_server
@@ -113,7 +113,7 @@ def test_driver_killed_then_rerun_equals_a_clean_run(tiny_model: Path, write_sha
                              capture_output=True, text=True, timeout=120)
     assert refused.returncode == 4 and "in use by run" in refused.stderr and "--force" in refused.stderr
     rerun = start_driver(spec, "--force", log=tmp_path / "driver2.log")
-    status, _ = wait_with_peak_rss(rerun, timeout=300)
+    status = wait_for_exit(rerun, timeout=300)
     assert status == 0, (tmp_path / "driver2.log").read_text()[-3000:]
 
     for name, data in survivors.items():  # committed before the kill: untouched by the rerun

@@ -16,7 +16,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from caption_helpers import start_driver, wait_with_peak_rss, write_many_shards, write_spec
+from caption_helpers import start_driver, wait_for_exit, write_many_shards, write_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
 
@@ -31,12 +31,13 @@ def run_job(tiny_model: Path, tmp_path: Path, name: str, shards: int, rows_each:
         "max_open_shards": 4})
     started = time.monotonic()
     proc = start_driver(spec, log=tmp_path / name / "driver.log")
-    status, peak_mib = wait_with_peak_rss(proc, timeout=900)
+    status = wait_for_exit(proc, timeout=900)
     seconds = time.monotonic() - started
     assert status == 0, (tmp_path / name / "driver.log").read_text()[-3000:]
     summary = json.loads((tmp_path / name / "out" / "_SUMMARY.json").read_text())
     assert (summary["rows_out"], summary["shards_committed"], summary["errors"]) == (rows, shards, 0)
-    return summary, seconds, peak_mib
+    # The driver's own peak (VmHWM), measured by the driver process itself at the end.
+    return summary, seconds, summary["driver_peak_rss_mib"]
 
 
 def test_hundreds_of_shards_bounded_driver_memory(tiny_model: Path, tmp_path: Path) -> None:
@@ -46,8 +47,8 @@ def test_hundreds_of_shards_bounded_driver_memory(tiny_model: Path, tmp_path: Pa
         print(f"\nscale {label}: {summary['shards_committed']} shards, {summary['rows_out']} rows in {secs:.1f} s "
               f"wall ({summary['images_per_s']} images/s over the pipeline, steady "
               f"{summary['steady_images_per_s']}), driver peak RSS {rss:.0f} MiB")
-    # Twice the shards and rows, the same open-shard cap: the driver's peak must not grow
-    # with the dataset (a few MiB of plan metadata and allocator noise aside).
+    # Twice the shards, the same open-shard cap: the driver's peak must not grow
+    # with the shard count (a few MiB of plan metadata and allocator noise aside).
     assert rss_two <= rss_one * 1.10 + 16, (rss_one, rss_two)
     # Ray's driver libraries and pyarrow are most of it; the shards' captions are a few MiB.
     assert rss_one < 512, rss_one
