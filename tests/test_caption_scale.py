@@ -5,7 +5,7 @@ The 2× run has twice the shards and the same total rows (half per shard), to ke
 test to a few minutes here: what it checks is that nothing in the driver grows with the
 shard count. That nothing grows with the rows is checked by the absolute ceiling: the
 1× run already streams 100,000 rows (a run with 2× shards of the same size measured the
-same peak, 212 MiB, when this was written)."""
+same peak, about 210 MiB, when this was written)."""
 
 from __future__ import annotations
 
