@@ -1,1 +1,1 @@
-"""Job entry points: `python -m jobs.<name> SPEC.yaml`, specs in jobs.specs."""
+"""Job entry points: `python -m jobs.<name> SPEC.yaml`, specs in pipelines.specs."""

@@ -1,9 +1,12 @@
-"""Caption Parquet shards with a TroL model on Ray Data.
+"""Caption Parquet shards with a TroL model on Ray.
 
-    python -m jobs.caption SPEC.yaml [--set key=value ...] [--plan-only]
+    python -m jobs.caption SPEC.yaml [--set key=value ...] [--plan-only] [--force]
     ray job submit --working-dir . -- python -m jobs.caption SPEC.yaml
 
-Exit status: 0 all shards done, 1 some shards failed (rerun to retry them), 2 bad spec.
+Exit status: 0 every shard done; 1 partial: some shards failed (see the summary), the rest
+are committed, rerun to retry the failed ones; 2 bad spec (nothing ran); 3 aborted: the run
+itself failed (e.g. the model cannot load), committed shards stay; 4 another run holds the
+output (its lease), nothing ran.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import logging
 import sys
 
 from jobs.ray_session import ensure_ray
-from jobs.specs import CaptionSpec, SpecError, load_spec
+from pipelines.specs import CaptionSpec, SpecError, load_spec
 
 log = logging.getLogger("jobs.caption")
 
@@ -36,6 +39,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--plan-only", action="store_true", help="check the spec and list the work; caption nothing")
     parser.add_argument("--progress-every", type=_seconds, default=30.0, metavar="SECONDS",
                         help="seconds between progress lines (shards done, rows/s); default %(default)s")
+    parser.add_argument("--force", action="store_true",
+                        help="take the output even if another run's lease on it has not expired (that run is dead)")
     return parser.parse_args(argv)
 
 
@@ -44,30 +49,42 @@ def main(argv: list[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from jobs.caption_progress import CaptionProgress
-    from pipelines.caption import execute_caption, format_summary, plan_caption
+    from pipelines.caption import (EXIT_ABORTED, EXIT_BAD_SPEC, EXIT_COMPLETE, EXIT_LOCKED, execute_caption,
+                                   exit_status, format_summary, plan_caption)
+    from pipelines.lease import OutputLockedError
 
     try:
         spec = load_spec(CaptionSpec, args.spec, args.overrides)
-        plan = plan_caption(spec, claim=not args.plan_only)
+        plan = plan_caption(spec, claim=not args.plan_only, force=args.force)
+    except OutputLockedError as exc:
+        print(f"caption: {exc}", file=sys.stderr)
+        return EXIT_LOCKED
     except SpecError as exc:
         print(f"caption: spec error: {exc}", file=sys.stderr)
-        return 2
-    todo_rows = sum(s.rows for s in plan.todo)
+        return EXIT_BAD_SPEC
+    todo_rows = sum(s.rows if s.wanted is None else len(s.wanted) for s in plan.todo)
     print(f"caption: {len(plan.shards)} shards, {len(plan.shards) - len(plan.todo)} already done, "
-          f"{len(plan.todo)} to do ({todo_rows} rows) → {plan.output.uri}", flush=True)
+          f"{len(plan.todo)} to do ({todo_rows} rows), {len(plan.unusable)} unusable → {plan.output.uri}", flush=True)
     if args.plan_only:
         for shard in plan.todo:
-            print(f"  {shard.uri} ({shard.rows} rows) → {shard.out.uri}")
+            print(f"  {shard.uri} ({shard.rows} rows, {shard.why}) → {shard.out.uri}")
+        for uri, why in plan.unusable.items():
+            print(f"  UNUSABLE {uri}: {why}")
         return 0
     if todo_rows:
         ensure_ray()
-    with CaptionProgress(plan, interval_s=args.progress_every):
-        summary = execute_caption(plan)
+    try:
+        with CaptionProgress(plan, interval_s=args.progress_every):
+            summary = execute_caption(plan)
+    except Exception as exc:  # noqa: BLE001 - the summary already records it; say it plainly and exit 3
+        print(f"caption: aborted: {type(exc).__name__}: {str(exc).strip().splitlines()[-1][:500]}", file=sys.stderr)
+        return EXIT_ABORTED
     print(format_summary(summary), flush=True)
+    status = exit_status(summary)
     failed = summary["shards_failed"]
-    print(f"caption: {'done' if not failed else f'{failed} shards failed (rerun to retry them)'}; "
+    print(f"caption: {'done' if status == EXIT_COMPLETE else f'partial, {failed} shards failed (rerun to retry them)'}; "
           f"outputs in {plan.output.uri}", flush=True)
-    return 1 if failed else 0
+    return status
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import sys
 USAGE = """usage: trol COMMAND [ARGS...]
 
 commands:
-  caption SPEC.yaml [--set k=v ...]   caption Parquet shards with a TroL model (Ray Data)
+  caption SPEC.yaml [--set k=v ...]   caption Parquet shards with a TroL model (Ray)
   finetune SPEC.yaml [--set k=v ...]  fine-tune a TroL model (Ray Train)
   prepare digits|llava ...            build fine-tuning Parquet shards
   convert SRC DST [--traversal ...]    a released TroL checkpoint (BK-Lee/TroL-7B, ...) → a TroL folder

@@ -3,7 +3,7 @@
 1. Once (then cached): prepare scikit-learn's digits as Parquet shards, and fine-tune a
    tiny random TroL on them with Ray Train (2 CPU workers, DDP) — about three minutes.
 2. Build input shards: scikit-image's sample photos and held-out handwritten digits.
-3. Run the caption job (Ray Data, predictor actor) on them and print the captions.
+3. Run the caption job (shard readers, predictor actor, on Ray) on them and print the captions.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import logging
 import sys
 
 from jobs.ray_session import ensure_ray
-from jobs.specs import FinetuneSpec, SpecError, load_spec
+from pipelines.specs import FinetuneSpec, SpecError, load_spec
 
 
 def main(argv: list[str] | None = None) -> int:

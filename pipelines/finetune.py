@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 
-from jobs.specs import FinetuneSpec, SpecError
+from pipelines.specs import FinetuneSpec, SpecError
 
 from .predictor import materialize_model, resolve_model_ref
 from .shards import find_shards

@@ -1,8 +1,9 @@
-"""Decode one image cell (encoded bytes, or a path/URI string) into an RGB PIL image.
+"""Decode one image cell (encoded bytes, or a path/URI string) into a PIL image.
 
-Every failure is returned as a short message, never raised: a bad row must become a row
-with an `error`, not a failed task. The pixel-count limit is checked on the header,
-before any pixel is decoded, so a small file that claims a huge size costs nothing.
+Every failure of the cell itself is returned as a short message, never raised: a bad row
+must become a row with an `error`, not a failed task. Only a transient storage error (the
+store is down or throttling) is raised, since retrying later can fix it.
+The pixel-count limit is checked on the header, before any pixel is decoded, so a small file that claims a huge size costs nothing.
 """
 
 from __future__ import annotations
@@ -11,20 +12,25 @@ import io
 import posixpath
 import warnings
 
-import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .storage import Location, StorageError, Storage, parse_uri
+from .storage import Location, Storage, StorageError, TransientStorageError, parse_uri
 
-# 50 megapixels: above common camera output, far below what would exhaust a worker when a
-# batch of such images is decoded at once (50 MP RGB is 150 MB).
+# The one pixel limit (the spec's max_image_pixels defaults to it). 50 megapixels: above
+# common camera output, far below what would exhaust a worker when a batch of such images
+# is decoded at once (50 MP RGB is 150 MB).
 DEFAULT_MAX_PIXELS = 50_000_000
 
 ImageResult = tuple["Image.Image | None", "str | None"]
 
 
 def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None) -> ImageResult:
-    """Encoded bytes → (RGB image, None) or (None, why not)."""
+    """Encoded bytes → (decoded image, None) or (None, why not).
+
+    The image keeps its own mode (CMYK, I;16, P with transparency, ...): the model's
+    processor owns the one conversion to RGB, so training and captioning see the same
+    pixels. Animated images give their first frame; EXIF orientation is applied.
+    """
     if not data:
         return None, "empty image bytes"
     try:
@@ -43,43 +49,26 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft_siz
             if draft_size and img.format == "JPEG":
                 # JPEG can decode at 1/2, 1/4, 1/8 scale directly; the result stays at least
                 # draft_size on each side, and the processor resizes it anyway.
-                img.draft("RGB", (draft_size, draft_size))
+                img.draft(img.mode, (draft_size, draft_size))
             img.load()
-            if img.getexif().get(0x0112, 1) != 1:  # EXIF orientation: phone photos lie sideways
+            # EXIF orientation: phone photos lie sideways. Parsing EXIF costs more than
+            # decoding a small image, so only images that carry EXIF are asked.
+            if "exif" in img.info and img.getexif().get(0x0112, 1) != 1:
                 img = ImageOps.exif_transpose(img)
+            return img, None
     except Image.DecompressionBombError as exc:
         # PIL refuses sizes over twice its own global limit even before our check runs.
         return None, f"image is over the limit of pixels PIL will open ({exc})"
     except UnidentifiedImageError:
         return None, "not a recognized image format (corrupt or unsupported bytes)"
-    except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:
-        return None, f"image could not be decoded: {exc}"
-    try:
-        return to_rgb(img), None
-    except (OSError, ValueError) as exc:
-        return None, f"image mode {img.mode} could not be converted to RGB: {exc}"
+    except Exception as exc:  # noqa: BLE001 - any decoder failure (OSError, NotImplementedError, ...) is this row's
+        return None, f"image could not be decoded: {describe_exception(exc)}"
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode → RGB. Transparency is flattened onto white (what a viewer shows)."""
-    mode = img.mode
-    if mode == "RGB":
-        return img
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(canvas, rgba).convert("RGB")
-    if mode.startswith("I") or mode == "F":
-        # 16/32-bit grayscale: PIL's convert() clips at 255, which turns most 16-bit
-        # images white; scale into 8 bits instead.
-        arr = np.asarray(img, dtype=np.float64)
-        top = float(arr.max()) if arr.size else 0.0
-        if mode == "F" and top <= 1.0:
-            arr = arr * 255.0
-        elif top > 255.0:
-            arr = arr / (65535.0 / 255.0) if top <= 65535.0 else arr * (255.0 / top)
-        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L").convert("RGB")
-    return img.convert("RGB")
+def describe_exception(exc: BaseException, limit: int = 300) -> str:
+    """`Type: first line of the message`, short enough for an error column; no traceback."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text[:limit]}" if text else type(exc).__name__
 
 
 def load_image(
@@ -90,7 +79,7 @@ def load_image(
     base: Location | None = None,
     draft_size: int | None = None,
 ) -> ImageResult:
-    """A cell of the image column → (RGB image, None) or (None, why not).
+    """A cell of the image column → (image, None) or (None, why not).
 
     Strings are paths or URIs; a relative path is taken relative to `base` (the folder of
     the shard that holds the row), so a dataset and its images can move together.
@@ -109,6 +98,8 @@ def load_image(
         else:
             loc = parse_uri(value)
         data = (storage or Storage()).read_bytes(loc)
+    except TransientStorageError:
+        raise  # the store, not this row, is the problem: the caller retries or fails the shard
     except StorageError as exc:
         return None, f"image path {value!r}: {_tail(str(exc))}"
     return decode_image(data, max_pixels=max_pixels, draft_size=draft_size)

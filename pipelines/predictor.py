@@ -1,12 +1,15 @@
-"""The two model-facing stages of the caption pipeline, and where the model files come from.
+"""The model side of the caption pipeline, and where the model files come from.
 
-- `preprocess_batch` (CPU tasks): image cell → RGB → the model's TroLProcessor → a
-  fixed-shape float32 tensor column; bad rows get an `error` and zero pixels.
-- `CaptionPredictor` (actor pool): loads trol.Captioner once per actor, captions the
-  good rows of each batch, passes error rows through.
+- `resolve_model_ref` / `materialize_model`: the one place a model location is checked
+  (driver) and turned into files a node can load (workers), with the model's identity.
+- `load_processor`: the model's TroLProcessor, once per worker process (CPU readers).
+- `CaptionPredictor` (actor): loads trol.Captioner once, captions the rows of each packed
+  batch that have pixels, passes error rows through. Infrastructure failures are not
+  turned into row errors: a broken device ends the actor (Ray restarts it), and an
+  out-of-memory that persists at one row is raised so the driver retries the batch.
 
-`trol` (and with it torch) is imported only inside these stages, so the driver can
-validate a spec and plan a job without loading any model code.
+`trol` (and with it torch) is imported only inside these, so the driver can validate a
+spec and plan a job without loading any model code.
 """
 
 from __future__ import annotations
@@ -27,17 +30,12 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
-from .images import load_image
-from .storage import Location, Storage, StorageError, parse_uri
+from .images import describe_exception
+from .pixels import PIXEL_COLUMNS, unpack_arrays
+from .storage import Storage, StorageError, parse_uri
 
 log = logging.getLogger(__name__)
 
-PIXELS = "__pixels"
-IMAGE_BYTES = "__image_bytes"
-IMAGE_PATH = "__image_path"
-SHARD = "__shard"
-ROW = "__row"
-ACTOR = "__actor"
 # Weight files are skipped when a CPU preprocessing node needs only the processor files.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".msgpack", ".h5")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -50,6 +48,9 @@ class ModelRef:
 
     kind: Literal["local", "s3", "hub"]
     value: str
+    # What the weights are: a digest of the files' names, sizes and versions (a hub id is
+    # taken as is). Recorded with each committed shard; a changed model redoes the shards.
+    identity: str = ""
 
 
 def resolve_model_ref(model: str, storage: Storage) -> ModelRef:
@@ -58,7 +59,7 @@ def resolve_model_ref(model: str, storage: Storage) -> ModelRef:
         loc = parse_uri(model.rstrip("/"))
         if not storage.exists(loc.join("config.json")):
             raise StorageError(f"{loc.uri} has no config.json; point model at a saved TroL model folder")
-        return ModelRef("s3", loc.uri)
+        return ModelRef("s3", loc.uri, _digest(storage.listing_signature(loc)))
     looks_local = model.startswith(("/", ".", "~", "file://")) or os.path.exists(os.path.expanduser(model))
     if looks_local:
         path = parse_uri(model).path
@@ -66,11 +67,25 @@ def resolve_model_ref(model: str, storage: Storage) -> ModelRef:
             raise StorageError(f"local folder {path} does not exist")
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise StorageError(f"{path} has no config.json; point model at a saved TroL model folder")
-        return ModelRef("local", path)
+        return ModelRef("local", path, _digest(_local_signature(path)))
     if "://" not in model and _HUB_ID.match(model):
         # Cannot be checked offline; from_pretrained resolves it (and caches it per node).
-        return ModelRef("hub", model)
+        return ModelRef("hub", model, f"hub:{model}")
     raise StorageError(f"{model!r} is neither a local folder, an s3:// folder nor a hub id like org/name")
+
+
+def _digest(listing: Any) -> str:
+    return hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _local_signature(path: str) -> list[tuple[str, int, int]]:
+    out = []
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            st = os.stat(os.path.join(root, name))
+            out.append((os.path.relpath(os.path.join(root, name), path), st.st_size, st.st_mtime_ns))
+    return out
 
 
 def default_cache_dir() -> str:
@@ -115,14 +130,14 @@ def materialize_model(ref: ModelRef, storage: Storage, cache_dir: str | None, *,
     return target
 
 
-# --- preprocessing (CPU tasks) ----------------------------------------------------------------
+# --- the processor, once per worker process ----------------------------------------------------
 
 # Ray reuses worker processes across tasks: load each processor once per process.
 _processors: dict[tuple[Any, ...], Any] = {}
 _processors_lock = threading.Lock()
 
 
-def _processor(ref: ModelRef, storage: Storage, cache_dir: str | None) -> Any:
+def load_processor(ref: ModelRef, storage: Storage, cache_dir: str | None) -> Any:
     key = (ref, storage, cache_dir)
     with _processors_lock:
         if key not in _processors:
@@ -132,52 +147,30 @@ def _processor(ref: ModelRef, storage: Storage, cache_dir: str | None) -> Any:
         return _processors[key]
 
 
-def preprocess_batch(
-    batch: pa.Table, *, model: ModelRef, storage: Storage, cache_dir: str | None, max_pixels: int
-) -> pa.Table:
-    """The CPU-task stage: image cells → `__pixels` (N, 3, S, S) float32 and `error`."""
-    return preprocess_with(batch, _processor(model, storage, cache_dir), storage=storage, max_pixels=max_pixels)
-
-
-def preprocess_with(batch: pa.Table, proc: Any, *, storage: Storage, max_pixels: int) -> pa.Table:
-    """Decode and preprocess every row with `proc`; a bad row gets an error and zero pixels."""
-    size = int(proc.image_size)
-    n = batch.num_rows
-    pixels = np.zeros((n, 3, size, size), dtype=np.float32)
-    errors: list[str | None] = [None] * n
-    data, paths = batch.column(IMAGE_BYTES).to_pylist(), batch.column(IMAGE_PATH).to_pylist()
-    shards = batch.column(SHARD).to_pylist()
-    prior = batch.column("error").to_pylist()
-    bases: dict[str, Location] = {}
-    for i in range(n):
-        if prior[i] is not None:  # a shard-read failure marker: keep its message
-            errors[i] = prior[i]
-            continue
-        base = bases.get(shards[i])
-        if base is None:
-            shard = parse_uri(shards[i])
-            base = bases[shards[i]] = Location(shard.scheme, posixpath.dirname(shard.path))
-        value = data[i] if data[i] is not None else paths[i]
-        img, err = load_image(value, max_pixels=max_pixels, storage=storage, base=base, draft_size=size)
-        if err is None:
-            try:
-                arr = np.asarray(proc.preprocess_image(img), dtype=np.float32)
-                if arr.shape != (3, size, size):
-                    raise ValueError(f"processor returned shape {arr.shape}, expected (3, {size}, {size})")
-                pixels[i] = arr
-            except Exception as exc:  # a row must not fail its batch
-                err = f"preprocessing failed: {type(exc).__name__}: {exc}"
-        errors[i] = err
-    out = batch.drop_columns([IMAGE_BYTES, IMAGE_PATH, "error"])
-    out = out.append_column(PIXELS, pa.FixedShapeTensorArray.from_numpy_ndarray(pixels))
-    return out.append_column("error", pa.array(errors, type=pa.string()))
-
-
 # --- prediction (actor pool) ------------------------------------------------------------------
 
 
+class InfrastructureError(RuntimeError):
+    """The device or memory failed, not the rows: the batch is retried, then its shard fails."""
+
+
+_BROKEN_DEVICE = ("CUDA error", "device-side assert", "illegal memory access", "CUBLAS_STATUS", "cuDNN error",
+                  "CUDNN_STATUS", "NCCL error", "uncorrectable ECC", "unspecified launch failure", "HIP error")
+
+
+def classify_model_error(exc: BaseException) -> Literal["device", "memory", "row"]:
+    """device: the accelerator is unusable for the rest of this process's life;
+    memory: too much at once (a smaller batch may fit); row: something about the input."""
+    text = f"{type(exc).__name__}: {exc}"
+    if type(exc).__name__ == "AcceleratorError" or any(marker in text for marker in _BROKEN_DEVICE):
+        return "device"
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or "out of memory" in text.lower():
+        return "memory"
+    return "row"
+
+
 class CaptionPredictor:
-    """One model copy. Ray Data calls it with batches of preprocessed rows."""
+    """One model copy. The driver calls it with packed batches (see pipelines.pixels)."""
 
     def __init__(
         self,
@@ -190,53 +183,70 @@ class CaptionPredictor:
         device: str | None,
         prompt: str,
         generation: dict[str, Any],
-        preprocess_max_pixels: int | None = None,
     ):
         from trol import Captioner
-
-        import ray
 
         path = materialize_model(model, storage, cache_dir, weights=True)
         self.captioner = Captioner(path, dtype=dtype, device=device, model_id=model_id)
         self.prompt = prompt
         self.generation = generation
-        self.storage = storage
-        # Set when this actor also preprocesses (CPU-only runs): see build_dataset.
-        self.preprocess_max_pixels = preprocess_max_pixels
-        ctx = ray.get_runtime_context() if ray.is_initialized() else None
-        self.actor = (ctx.get_actor_id() if ctx else None) or f"pid-{os.getpid()}"
+        self.actor = self._name()
+
+    @staticmethod
+    def _name() -> str:
+        try:
+            import ray
+
+            if ray.is_initialized():
+                return ray.get_runtime_context().get_actor_id() or f"pid-{os.getpid()}"
+        except Exception:  # noqa: BLE001 - a name for the summary only
+            pass
+        return f"pid-{os.getpid()}"
 
     def _caption(self, arrays: list[np.ndarray]) -> list[tuple[str | None, int | None, str | None]]:
-        """(caption, num_tokens, error) per array. A failing batch is retried row by row, so
-        one bad row (or one out-of-memory batch) does not take the others down."""
+        """(caption, num_tokens, error) per array. A batch that fails for a reason of its
+        rows is retried row by row (one bad row does not take the others down); one that
+        runs out of memory is split in halves; a broken device ends this process."""
         try:
             results = self.captioner.caption(arrays, self.prompt, **self.generation)
             if len(results) != len(arrays):
                 raise RuntimeError(f"captioner returned {len(results)} results for {len(arrays)} images")
             return [(r.text, int(r.num_tokens), None) for r in results]
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - classified below
+            kind = classify_model_error(exc)
+            if kind == "device":
+                # Nothing run in this process can use the device again. Exiting makes Ray
+                # restart the actor (a fresh process, a fresh context); the driver resends
+                # the batches this actor held.
+                log.error("device failure, restarting this actor: %s", describe_exception(exc))
+                logging.shutdown()
+                os._exit(70)
+            if kind == "memory":
+                if len(arrays) == 1:
+                    raise InfrastructureError(f"out of memory on a single image: {describe_exception(exc)}") from None
+                half = len(arrays) // 2
+                return self._caption(arrays[:half]) + self._caption(arrays[half:])
             if len(arrays) == 1:
-                return [(None, None, f"captioning failed: {type(exc).__name__}: {exc}")]
+                return [(None, None, f"captioning failed: {describe_exception(exc)}")]
             log.warning("batch of %d failed (%s); retrying row by row", len(arrays), type(exc).__name__)
             return [self._caption([a])[0] for a in arrays]
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        if self.preprocess_max_pixels is not None:
-            batch = preprocess_with(batch, self.captioner.processor, storage=self.storage,
-                                    max_pixels=self.preprocess_max_pixels)
+    def __call__(self, batch: pa.Table) -> tuple[pa.Table, str]:
+        """Packed rows in → (rows with caption, error, num_tokens; this actor's name)."""
         n = batch.num_rows
         errors = batch.column("error").to_pylist()
-        good = [i for i, e in enumerate(errors) if e is None]
+        arrays = unpack_arrays(batch)
+        good = [i for i in range(n) if errors[i] is None and arrays[i] is not None]
         captions: list[str | None] = [None] * n
         tokens: list[int | None] = [None] * n
         if good:
-            pixels = batch.column(PIXELS).combine_chunks().to_numpy_ndarray()
-            # Copies: the Arrow buffer is read-only, and torch warns on non-writable arrays.
-            for i, (text, ntok, err) in zip(good, self._caption([np.array(pixels[i]) for i in good])):
+            for i, (text, ntok, err) in zip(good, self._caption([arrays[i] for i in good])):
                 captions[i], tokens[i], errors[i] = text, ntok, err
-        out = batch.drop_columns([PIXELS, "error"])
+        out = batch.drop_columns([*PIXEL_COLUMNS, "error"])
         out = out.append_column("caption", pa.array(captions, type=pa.string()))
         out = out.append_column("error", pa.array(errors, type=pa.string()))
         out = out.append_column("num_tokens", pa.array(tokens, type=pa.int32()))
-        out = out.append_column("model", pa.array([self.captioner.model_id] * n, type=pa.string()))
-        return out.append_column(ACTOR, pa.array([self.actor] * n, type=pa.string()))
+        return out, self.actor
+
+    def model_id(self) -> str:
+        return self.captioner.model_id

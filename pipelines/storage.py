@@ -30,29 +30,12 @@ from urllib.parse import urlparse
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from .storage_errors import (NotFoundError, StorageError, TransientStorageError, describe_error,  # noqa: F401
+                             is_transient, with_retries)
+
 GLOB_CHARS = "*?["
 # Credential-chain methods whose keys do not rotate: safe to resolve once on the driver.
 _STATIC_METHODS = {"env", "shared-credentials-file", "config-file", "explicit", "boto-config"}
-# Error codes S3 answers when the caller's identity is the problem, not the object.
-_CREDENTIAL_CODES = {
-    "SignatureDoesNotMatch",
-    "InvalidAccessKeyId",
-    "InvalidToken",
-    "ExpiredToken",
-    "TokenRefreshRequired",
-    "InvalidClientTokenId",
-    "AuthorizationHeaderMalformed",
-}
-
-
-class StorageError(Exception):
-    """A location could not be used. The message is safe to print (it holds no secret)."""
-
-
-class NotFoundError(StorageError):
-    """The object, file or bucket does not exist."""
-
-
 @dataclass(frozen=True)
 class S3Credentials:
     access_key: str
@@ -131,40 +114,10 @@ def glob_to_regex(pattern: str) -> re.Pattern[str]:
     return re.compile("".join(out) + r"\Z")
 
 
-def describe_error(exc: BaseException, what: str) -> StorageError:
-    """Turn boto3/pyarrow/OS errors into one line that says what to fix (never a secret)."""
-    import botocore.exceptions as bx
-
-    if isinstance(exc, StorageError):
-        return exc
-    if isinstance(exc, bx.NoCredentialsError):
-        return StorageError(
-            f"{what}: no AWS credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-            "(or AWS_PROFILE) in the environment"
-        )
-    if isinstance(exc, bx.EndpointConnectionError):
-        return StorageError(f"{what}: cannot connect to the S3 endpoint; check storage.endpoint_url / AWS_ENDPOINT_URL")
-    if isinstance(exc, bx.ClientError):
-        code = str(exc.response.get("Error", {}).get("Code", "Unknown"))
-        if code in _CREDENTIAL_CODES:
-            return StorageError(
-                f"{what}: S3 rejected the credentials ({code}); check AWS_ACCESS_KEY_ID / "
-                "AWS_SECRET_ACCESS_KEY / AWS_PROFILE for this endpoint"
-            )
-        if code in {"AccessDenied", "403", "Forbidden"}:
-            return StorageError(f"{what}: access denied ({code}); these credentials lack permission here")
-        if code in {"NoSuchBucket"}:
-            return NotFoundError(f"{what}: the bucket does not exist")
-        if code in {"NoSuchKey", "404", "NotFound"}:
-            return NotFoundError(f"{what}: not found")
-        return StorageError(f"{what}: S3 error {code}")
-    if isinstance(exc, FileNotFoundError):
-        return NotFoundError(f"{what}: not found")
-    if isinstance(exc, PermissionError):
-        return StorageError(f"{what}: permission denied")
-    # pyarrow and OS errors carry no credentials in their text; keep the first line.
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return StorageError(f"{what}: {first}")
+@dataclass(frozen=True)
+class FileIdentity:
+    size: int
+    version: str  # "etag:..." on S3, "mtime:<ns>" locally
 
 
 _clients: dict[Any, Any] = {}
@@ -323,6 +276,31 @@ class Storage:
             self.s3_client().put_object(Bucket=bucket, Key=key, Body=data)
         except Exception as exc:
             raise describe_error(exc, f"writing {loc.uri}") from None
+
+    def stat(self, loc: Location) -> FileIdentity:
+        """Size and version (S3 ETag, or local mtime in ns) of one object: what identifies
+        its contents cheaply, so a replaced input is noticed."""
+        try:
+            if loc.scheme == "file":
+                st = os.stat(loc.path)
+                return FileIdentity(int(st.st_size), f"mtime:{st.st_mtime_ns}")
+            bucket, _, key = loc.path.partition("/")
+            head = self.s3_client().head_object(Bucket=bucket, Key=key)
+            return FileIdentity(int(head["ContentLength"]), f"etag:{str(head.get('ETag', '')).strip(chr(34))}")
+        except Exception as exc:
+            raise describe_error(exc, f"checking {loc.uri}") from None
+
+    def delete(self, loc: Location) -> None:
+        """Remove one object; a missing one is fine."""
+        try:
+            if loc.scheme == "file":
+                if os.path.exists(loc.path):
+                    os.unlink(loc.path)
+                return
+            bucket, _, key = loc.path.partition("/")
+            self.s3_client().delete_object(Bucket=bucket, Key=key)
+        except Exception as exc:
+            raise describe_error(exc, f"deleting {loc.uri}") from None
 
     def read_json(self, loc: Location) -> Any:
         return json.loads(self.read_bytes(loc))

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .images import load_image
+from .images import DEFAULT_MAX_PIXELS, load_image
 from .prepare import InvalidRecord, normalize_conversations
 from .storage import Storage
 
@@ -27,7 +27,7 @@ class RowFormat:
     prompt: str = "Describe the image."
     max_length: int = 2048
     length_policy: str = "truncate"  # or "drop"
-    max_image_pixels: int = 50_000_000
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
 
 
 COUNTER_NAMES = ("rows_used", "truncated", "dropped_bad_image", "dropped_bad_text", "dropped_too_long")

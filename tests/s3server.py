@@ -27,6 +27,8 @@ class S3Server:
     region: str = "us-east-1"
     process: subprocess.Popen | None = field(default=None, repr=False)
     log_path: Path | None = None
+    data_dir: Path | None = None
+    ports: list[int] = field(default_factory=list)  # master, volume, filer, s3, admin
 
     def client(self, secret_key: str | None = None):
         import boto3
@@ -90,10 +92,17 @@ def ensure_bucket(client, name: str) -> None:
             raise
 
 
-def start_s3_server(data_dir: Path, timeout: float = 20.0) -> S3Server:
+def restart_s3_server(server: S3Server, timeout: float = 20.0) -> S3Server:
+    """Start a stopped server again on its own ports, data and credentials."""
+    assert server.data_dir is not None and server.ports, "not started by start_s3_server"
+    return start_s3_server(server.data_dir, timeout, ports=server.ports,
+                           credentials=(server.access_key, server.secret_key))
+
+
+def start_s3_server(data_dir: Path, timeout: float = 20.0, *, ports: list[int] | None = None,
+                    credentials: tuple[str, str] | None = None) -> S3Server:
     data_dir.mkdir(parents=True, exist_ok=True)
-    access_key = "test" + secrets.token_hex(6)
-    secret_key = "sk-" + secrets.token_hex(16)
+    access_key, secret_key = credentials or ("test" + secrets.token_hex(6), "sk-" + secrets.token_hex(16))
     config = {
         "identities": [
             {
@@ -104,7 +113,7 @@ def start_s3_server(data_dir: Path, timeout: float = 20.0) -> S3Server:
         ]
     }
     (data_dir / "s3.json").write_text(json.dumps(config))
-    master, volume, filer, s3, admin = free_ports(5)
+    master, volume, filer, s3, admin = ports or free_ports(5)
     cmd = [
         weed_binary(), "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
         "-master.telemetry=false", f"-s3.config={data_dir / 's3.json'}",
@@ -115,9 +124,10 @@ def start_s3_server(data_dir: Path, timeout: float = 20.0) -> S3Server:
     # Without AWS_* in its environment the server trusts only the config file.
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     log_path = data_dir / "weed.log"
-    with open(log_path, "wb") as log:
+    with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    server = S3Server(f"http://127.0.0.1:{s3}", access_key, secret_key, process=proc, log_path=log_path)
+    server = S3Server(f"http://127.0.0.1:{s3}", access_key, secret_key, process=proc, log_path=log_path,
+                      data_dir=data_dir, ports=[master, volume, filer, s3, admin])
     client = server.client()
     deadline = time.monotonic() + timeout
     while True:

@@ -1,0 +1,237 @@
+"""The caption job's pure parts, without Ray: pixel transport, shard assembly, retry and
+error classification, the output lease, and reading a shard in batches."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import botocore.exceptions as bx
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipelines.assembly import AssemblyError, ShardAssembly, replace_rows
+from pipelines.caption_read import ShardReadError, iter_shard_batches
+from pipelines.lease import OutputLockedError, acquire_lease, read_lease, release_lease
+from pipelines.pixels import pack_arrays, unpack_arrays
+from pipelines.predictor import classify_model_error
+from pipelines.storage import (Location, NotFoundError, Storage, StorageError, TransientStorageError, describe_error,
+                               with_retries)
+
+
+def test_pixels_round_trip_any_shape_and_dtype() -> None:
+    rng = np.random.default_rng(0)
+    arrays = [
+        rng.standard_normal((3, 8, 8)).astype(np.float32),  # today's processor
+        None,  # an error row
+        rng.integers(0, 255, (5, 3, 4, 4), dtype=np.uint8),  # a stack of 5 tiles, uint8
+        rng.integers(0, 255, (1, 3, 4, 4), dtype=np.uint8),  # one tile
+        rng.integers(0, 255, (7,), dtype=np.uint8),  # odd byte count: the next row must stay aligned
+        rng.standard_normal((2, 3)).astype(np.float64),
+    ]
+    columns = pack_arrays(arrays)
+    table = pa.table(columns)
+    for chunked in (table, pa.concat_tables([table.slice(0, 3), table.slice(3)])):
+        back = unpack_arrays(chunked)
+        assert len(back) == len(arrays)
+        for want, got in zip(arrays, back):
+            if want is None:
+                assert got is None
+                continue
+            assert got.dtype == want.dtype and got.shape == want.shape and np.array_equal(got, want)
+            assert got.ctypes.data % want.itemsize == 0  # aligned views, no copy needed
+    assert table.column("__pixels").null_count == 1
+
+
+def part(rows: list[int]) -> pa.Table:
+    return pa.table({"id": [f"r{r}" for r in rows], "__row": pa.array(rows, pa.int64()),
+                     "caption": [f"c{r}" for r in rows]})
+
+
+def test_assembly_out_of_order_then_sorted() -> None:
+    asm = ShardAssembly(6)
+    assert not asm.add(part([4, 5]))
+    assert not asm.add(part([0, 2]))
+    with pytest.raises(AssemblyError, match="only 4 of 6"):
+        asm.table()
+    assert asm.add(part([3, 1]))
+    assert asm.table().column("id").to_pylist() == [f"r{i}" for i in range(6)]
+
+
+def test_assembly_refuses_duplicates_and_strangers_whole() -> None:
+    asm = ShardAssembly(4)
+    asm.add(part([0, 1]))
+    with pytest.raises(AssemblyError, match="twice"):
+        asm.add(part([2, 1]))
+    with pytest.raises(AssemblyError, match="twice"):
+        asm.add(part([3, 3]))
+    with pytest.raises(AssemblyError, match="outside"):
+        asm.add(part([4]))
+    assert asm.received == 2 and not asm.seen[2]  # a refused batch leaves nothing behind
+    assert asm.add(part([2, 3]))
+
+
+def test_assembly_of_selected_rows_and_replacing_them() -> None:
+    asm = ShardAssembly(5, wanted=np.array([1, 3]))
+    with pytest.raises(AssemblyError, match="not asked for"):
+        asm.add(part([0]))
+    assert asm.add(part([3])) is False and asm.add(part([1])) is True
+    committed = pa.table({"id": [f"r{i}" for i in range(5)], "caption": ["old"] * 5, "error": [None, "bad", None, "bad", None]})
+    fresh = pa.table({"id": ["r1", "r3"], "caption": ["new1", "new3"], "error": pa.array([None, None], pa.string()),
+                      "__row": pa.array([1, 3], pa.int64())})
+    merged = replace_rows(committed, fresh)
+    assert merged.column("caption").to_pylist() == ["old", "new1", "old", "new3", "old"]
+    assert merged.column("error").null_count == 5 and merged.schema == committed.schema
+
+
+def test_model_errors_are_classified() -> None:
+    assert classify_model_error(RuntimeError("CUDA error: an illegal memory access was encountered")) == "device"
+    assert classify_model_error(RuntimeError("CUDA out of memory. Tried to allocate 2 GiB")) == "memory"
+    assert classify_model_error(MemoryError()) == "memory"
+    assert classify_model_error(ValueError("expected 3 channels, got 4")) == "row"
+
+
+def client_error(code: str, status: int) -> bx.ClientError:
+    return bx.ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+
+
+def test_storage_errors_split_transient_from_permanent() -> None:
+    for exc in (client_error("SlowDown", 503), client_error("InternalError", 500), client_error("Weird", 502),
+                bx.EndpointConnectionError(endpoint_url="http://x"), OSError("AWS Error NETWORK_CONNECTION: refused"),
+                ConnectionResetError("reset by peer")):
+        assert isinstance(describe_error(exc, "reading x"), TransientStorageError), exc
+    assert isinstance(describe_error(client_error("NoSuchKey", 404), "reading x"), NotFoundError)
+    for exc in (client_error("AccessDenied", 403), client_error("SignatureDoesNotMatch", 403), OSError("bad footer")):
+        err = describe_error(exc, "reading x")
+        assert isinstance(err, StorageError) and not isinstance(err, TransientStorageError), exc
+
+
+def test_retries_back_off_on_transient_errors_only() -> None:
+    waits: list[float] = []
+    calls = {"n": 0}
+
+    def flaky() -> str:
+        calls["n"] += 1
+        if calls["n"] < 3:
+            raise client_error("SlowDown", 503)
+        return "ok"
+
+    assert with_retries(flaky, attempts=5, what="x", sleep=waits.append) == "ok" and waits == [1.0, 2.0]
+
+    def always_down() -> None:
+        raise client_error("ServiceUnavailable", 503)
+
+    with pytest.raises(bx.ClientError):
+        with_retries(always_down, attempts=3, what="x", sleep=waits.append)
+    assert waits == [1.0, 2.0, 1.0, 2.0]
+
+    def denied() -> None:
+        raise client_error("AccessDenied", 403)
+
+    with pytest.raises(bx.ClientError):
+        with_retries(denied, attempts=5, what="x", sleep=waits.append)
+    assert len(waits) == 4  # a permanent error is not retried
+
+
+def test_lease_refuses_a_second_run_until_expiry_or_force(tmp_path: Path) -> None:
+    st, out = Storage(), Location("file", str(tmp_path / "out"))
+    acquire_lease(st, out, "run-a", 60, now=1000.0)
+    with pytest.raises(OutputLockedError) as err:
+        acquire_lease(st, out, "run-b", 60, now=1010.0)
+    assert err.value.field == "output" and "run-a" in str(err.value) and "--force" in str(err.value)
+    acquire_lease(st, out, "run-a", 60, now=1020.0)  # the holder renews
+    acquire_lease(st, out, "run-b", 60, now=1081.0)  # expired: taken over
+    assert read_lease(st, out)["run_id"] == "run-b"
+    acquire_lease(st, out, "run-c", 60, now=1082.0, force=True)
+    release_lease(st, out, "run-b")  # not the holder any more: leaves it
+    assert read_lease(st, out)["run_id"] == "run-c"
+    release_lease(st, out, "run-c")
+    assert read_lease(st, out) is None
+
+
+class TileProcessor:
+    """Stands in for a tiling processor: uint8 tile stacks whose count follows the width."""
+
+    image_size = 4
+
+    def preprocess_image(self, img: Image.Image) -> np.ndarray:
+        tiles = 1 + img.size[0] % 3
+        return np.full((tiles, 3, 4, 4), img.size[1], dtype=np.uint8)
+
+
+def png(width: int, height: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), "red").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_reader_streams_row_groups_and_keeps_per_row_shapes(tmp_path: Path) -> None:
+    cells = [png(10 + i, 5 + i) if i % 4 else b"junk" for i in range(23)]
+    pq.write_table(pa.table({"id": list(range(23)), "image": pa.array(cells, pa.binary())}), tmp_path / "s.parquet",
+                   row_group_size=5)
+    kwargs = dict(proc=TileProcessor(), storage=Storage(), image_column="image", id_columns=["id"], num_rows=23,
+                  batch_rows=4, max_pixels=10_000, retries=0)
+    batches = list(iter_shard_batches(str(tmp_path / "s.parquet"), **kwargs))
+    assert all(b.num_rows <= 4 for b in batches)
+    table = pa.concat_tables(batches)
+    assert table.column("__row").to_pylist() == list(range(23)) == table.column("id").to_pylist()
+    arrays, errors = unpack_arrays(table), table.column("error").to_pylist()
+    for i in range(23):
+        if i % 4 == 0:
+            assert arrays[i] is None and "not a recognized image" in errors[i]
+        else:
+            assert errors[i] is None and arrays[i].shape == (1 + (10 + i) % 3, 3, 4, 4) and arrays[i][0, 0, 0, 0] == 5 + i
+
+    only = pa.concat_tables(iter_shard_batches(str(tmp_path / "s.parquet"), wanted=np.array([3, 17, 22]), **kwargs))
+    assert only.column("__row").to_pylist() == [3, 17, 22]
+    with pytest.raises(ShardReadError, match="changed during the run") as err:
+        list(iter_shard_batches(str(tmp_path / "s.parquet"), **{**kwargs, "num_rows": 24}))
+    assert not err.value.transient
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1" + b"\0" * 50)
+    with pytest.raises(ShardReadError, match="reading shard failed") as err:
+        list(iter_shard_batches(str(tmp_path / "bad.parquet"), **kwargs))
+    assert not err.value.transient
+
+
+class FlakyCaptioner:
+    """Runs out of memory on batches over `fits` images; fails on the image holding -1."""
+
+    def __init__(self, fits: int):
+        self.fits, self.calls = fits, []
+
+    def caption(self, arrays, prompt, **kw):
+        from trol import CaptionResult
+
+        self.calls.append(len(arrays))
+        if len(arrays) > self.fits:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        if any(a.min() < 0 for a in arrays):
+            raise ValueError("this image cannot be captioned")
+        return [CaptionResult(text=f"c{int(a.max())}", num_tokens=2) for a in arrays]
+
+
+def predictor_with(captioner) -> "CaptionPredictor":  # noqa: F821
+    from pipelines.predictor import CaptionPredictor
+
+    pred = CaptionPredictor.__new__(CaptionPredictor)  # the model-loading constructor is not under test
+    pred.captioner, pred.prompt, pred.generation, pred.actor = captioner, "p", {}, "test"
+    return pred
+
+
+def test_predictor_splits_on_memory_isolates_bad_rows_and_raises_persistent_oom() -> None:
+    from pipelines.predictor import InfrastructureError
+
+    arrays = [np.full((3, 2, 2), v, np.float32) for v in (1, 2, -1, 4, 5)]
+    errors = [None, None, None, "image is null", None]
+    batch = pa.table({"__row": pa.array(range(5), pa.int64()), "error": pa.array(errors, pa.string()),
+                      **pack_arrays([a if e is None else None for a, e in zip(arrays, errors)])})
+    cap = FlakyCaptioner(fits=2)
+    out, actor = predictor_with(cap)(batch)
+    assert out.column("caption").to_pylist() == ["c1", "c2", None, None, "c5"]
+    assert "cannot be captioned" in out.column("error")[2].as_py() and out.column("error")[3].as_py() == "image is null"
+    assert cap.calls[0] == 4 and max(cap.calls[1:]) <= 2  # the 4 good-looking rows, then halves
+    with pytest.raises(InfrastructureError, match="out of memory on a single image"):
+        predictor_with(FlakyCaptioner(fits=0))(batch)
