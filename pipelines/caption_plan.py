@@ -38,7 +38,7 @@ STATS_DIR = "_stats"
 SUMMARY = "_SUMMARY.json"
 RUN = "_RUN.json"
 # Spec fields that change what a caption says; a rerun into the same output must match.
-FINGERPRINT_FIELDS = ("model", "prompt", "generation", "image_column", "id_columns", "dtype")
+FINGERPRINT_FIELDS = ("model", "prompt", "generation", "image_column", "id_columns", "dtype", "quantize")
 _IMAGE_TYPES = (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_string, pa.types.is_large_string,
                 pa.types.is_binary_view, pa.types.is_string_view)
 

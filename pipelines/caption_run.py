@@ -123,7 +123,8 @@ class CaptionRunner:
                 num_cpus=spec.cpus_per_actor, num_gpus=spec.gpus_per_actor, scheduling_strategy=strategy,
                 max_restarts=-1, max_task_retries=0).remote(
                 model=self.plan.model, model_id=spec.model, storage=self.plan.storage, cache_dir=spec.model_cache_dir,
-                dtype=spec.dtype, device="cpu" if spec.gpus_per_actor == 0 else None, prompt=spec.prompt,
+                dtype=spec.dtype, quantize=spec.quantize, device="cpu" if spec.gpus_per_actor == 0 else None,
+                prompt=spec.prompt,
                 generation=spec.generation.model_dump()))
             self.actor_load.append(0)
             self.actor_ready.append(True)

@@ -32,6 +32,7 @@ import pyarrow as pa
 
 from .images import describe_exception
 from .pixels import PIXEL_COLUMNS, unpack_arrays
+from .released import converted_folder, is_released_folder, is_released_hub_id
 from .storage import Storage, StorageError, parse_uri
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ _COMPLETE = ".trol-download-complete"
 class ModelRef:
     """A checked model reference: an absolute local folder, an s3:// folder, or a hub id."""
 
-    kind: Literal["local", "s3", "hub"]
+    kind: Literal["local", "s3", "hub", "released"]
     value: str
     # What the weights are: a digest of the files' names, sizes and versions (a hub id is
     # taken as is). Recorded with each committed shard; a changed model redoes the shards.
@@ -67,7 +68,10 @@ def resolve_model_ref(model: str, storage: Storage) -> ModelRef:
             raise StorageError(f"local folder {path} does not exist")
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise StorageError(f"{path} has no config.json; point model at a saved TroL model folder")
-        return ModelRef("local", path, _digest(_local_signature(path)))
+        kind = "released" if is_released_folder(path) else "local"
+        return ModelRef(kind, path, _digest(_local_signature(path)))
+    if is_released_hub_id(model):  # BK-Lee/TroL-*: converted once per node where it is used
+        return ModelRef("released", model, f"released:{model}")
     if "://" not in model and _HUB_ID.match(model):
         # Cannot be checked offline; from_pretrained resolves it (and caches it per node).
         return ModelRef("hub", model, f"hub:{model}")
@@ -97,10 +101,22 @@ def materialize_model(ref: ModelRef, storage: Storage, cache_dir: str | None, *,
 
     s3:// folders are downloaded once per node: the cache folder is named after the
     listing (keys, sizes, ETags), so a changed model gets a new folder, and a file lock
-    makes every other actor or task on the node wait for the first download.
+    makes every other actor or task on the node wait for the first download. A released
+    TroL checkpoint (folder, s3:// folder or hub id) is converted once per node as well; its
+    processor settings come from the weights' shapes, so a processor-only request converts
+    the whole model too (and shares the result with the node's actors).
     """
-    if ref.kind != "s3":
-        return ref.value
+    if ref.kind == "released":
+        return converted_folder(ref.value, cache_dir)
+    if ref.kind == "s3":
+        path = _download(ref, storage, cache_dir, weights=weights)
+        if not os.path.isfile(os.path.join(path, "processor_config.json")):  # a released layout
+            return converted_folder(_download(ref, storage, cache_dir, weights=True), cache_dir)
+        return path
+    return ref.value
+
+
+def _download(ref: ModelRef, storage: Storage, cache_dir: str | None, *, weights: bool) -> str:
     loc = parse_uri(ref.value)
     listing = storage.listing_signature(loc)
     digest = hashlib.sha256(json.dumps([ref.value, listing]).encode()).hexdigest()[:16]
@@ -180,6 +196,7 @@ class CaptionPredictor:
         storage: Storage,
         cache_dir: str | None,
         dtype: str,
+        quantize: int | None = None,
         device: str | None,
         prompt: str,
         generation: dict[str, Any],
@@ -187,7 +204,7 @@ class CaptionPredictor:
         from trol import Captioner
 
         path = materialize_model(model, storage, cache_dir, weights=True)
-        self.captioner = Captioner(path, dtype=dtype, device=device, model_id=model_id)
+        self.captioner = Captioner(path, dtype=dtype, device=device, model_id=model_id, quantize=quantize)
         self.prompt = prompt
         self.generation = generation
         self.actor = self._name()

@@ -82,7 +82,9 @@ class CaptionSpec(_Spec):
     output: str = Field(..., description="folder/prefix for one Parquet object per input shard (s3:// or local)")
     image_column: str = "image"
     id_columns: list[str] = Field(default_factory=list, description="copied unchanged into the output")
-    model: str = Field(..., description="local folder, s3:// folder (cached once per node) or hub id")
+    model: str = Field(..., description=(
+        "TroL folder (local or s3://, cached once per node), hub id, or a released checkpoint "
+        "(BK-Lee/TroL-1.8B|3.8B|7B or its folder: converted once per node into model_cache_dir)"))
     prompt: str = "Describe this image in one sentence."
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
     batch_size: int = Field(8, ge=1, le=4096, description="images per generate() call")
@@ -90,6 +92,8 @@ class CaptionSpec(_Spec):
     gpus_per_actor: float = Field(0.0, ge=0.0, description="0 runs the model on CPU")
     cpus_per_actor: float = Field(1.0, gt=0.0, description="CPU reserved by each predictor actor")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    quantize: Literal[4, 8] | None = Field(
+        None, description="4 or 8: bitsandbytes weights for the LLM's linear layers (CUDA GPUs, the gpu extra)")
     max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="larger images become row errors")
     max_open_shards: int = Field(
         4, ge=1, le=4096,
@@ -133,6 +137,12 @@ class CaptionSpec(_Spec):
             raise ValueError("must be a folder or prefix, not a glob")
         return v
 
+    @model_validator(mode="after")
+    def _quantize_needs_gpus(self) -> CaptionSpec:
+        if self.quantize and self.gpus_per_actor == 0:
+            raise ValueError("quantize needs gpus_per_actor > 0 (bitsandbytes runs on CUDA); set quantize: null on CPU")
+        return self
+
 
 class LoraSpec(_Spec):
     r: int = Field(16, ge=1, le=1024)
@@ -153,6 +163,8 @@ class FinetuneSpec(_Spec):
         "1", description="1: projector + mixers; 2: 1 + LoRA on the LLM; full: everything")
     lora: LoraSpec = Field(default_factory=LoraSpec)
     quantize: Literal[4] | None = Field(None, description="4: QLoRA (stage 2, CUDA + bitsandbytes)")
+    train_partial_lora: bool = Field(
+        False, description="stage 2: also train a converted TroL-1.8B/7B's image-token partial LoRA (full: always)")
     keep_adapter: bool = Field(False, description="stage 2: save the LoRA adapter beside the base instead of merging")
     workers: int = Field(1, ge=1)
     gpus_per_worker: int = Field(0, ge=0, le=1, description="0: CPU training (gloo); 1: one GPU per worker (nccl)")

@@ -56,7 +56,7 @@ def test_caption_job_converts_a_released_folder_once_and_captions(releases, writ
     assert run_caption(tmp_path, releases["internlm2"], model_cache_dir=str(cache)) == 0
     check_outputs(tmp_path / "out", rows)
     converted = [p for p in cache.iterdir() if p.is_dir() and p.name.startswith("converted-")]
-    assert len(converted) == 1 and (converted[0] / "model.safetensors.index.json").is_file()
+    assert len(converted) == 1 and (converted[0] / "conversion.json").is_file()
 
 
 def test_caption_job_on_a_converted_trol_3_8b_with_tiled_images(releases, write_shards, tmp_path):

@@ -87,6 +87,12 @@ def load_model(
     return model.eval(), TroLProcessor.from_pretrained(name_or_path)
 
 
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    """Shares memory where it may; copies a read-only view (torch tensors must be writable)."""
+    array = np.asarray(array)
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+
 @dataclass
 class CaptionResult:
     text: str
@@ -122,7 +128,7 @@ class Captioner:
             return []
         text = [self.processor.build_prompt(prompt)] * len(pixel_values)
         # uint8 tiles travel to the device as they are and are normalised there.
-        images = [torch.as_tensor(np.asarray(p)).to(self.device, non_blocking=True) for p in pixel_values]
+        images = [_tensor(p).to(self.device, non_blocking=True) for p in pixel_values]
         batch = self.processor(text=text, images=images).to(self.device)
         sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
         if seed is not None:

@@ -192,8 +192,8 @@ class TroLProcessor(ProcessorMixin):
             image = Image.fromarray(np.asarray(image.cpu() if isinstance(image, torch.Tensor) else image))  # raw H×W(×C)
         if isinstance(image, Image.Image):
             image = self.prepare_image(image)
-        # A copy: inputs may be read-only. Tensors stay on their device (normalise on the GPU).
-        pixels = image.clone() if isinstance(image, torch.Tensor) else torch.as_tensor(np.asarray(image)).clone()
+        # Tensors stay on their device (normalise on the GPU); arrays may be read-only views: copy.
+        pixels = image if isinstance(image, torch.Tensor) else torch.from_numpy(np.array(image))
         pixels = self.normalize(pixels) if pixels.dtype == torch.uint8 else pixels.float()
         return pixels.unsqueeze(0) if pixels.dim() == 3 else pixels
 
