@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import glob
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -14,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from jobs.specs import CaptionSpec, FinetuneSpec, SpecError, build_spec
-from pipelines.finetune import FAULT_ENV, format_finetune_summary, run_finetune
+from pipelines.finetune import format_finetune_summary, run_finetune
+from train_hooks import KillOnce, RecordRows, rows_per_epoch
 from pipelines.prepare_digits import parse_digit, prepare_digits
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -144,14 +143,9 @@ def test_checkpoints_and_model_on_s3(tmp_path, digits, tiny_model, s3_env, make_
 
 
 @pytest.mark.slow
-def test_a_killed_worker_restarts_from_the_last_checkpoint(tmp_path, digits, tiny_model, monkeypatch):
-    name = f"fault-{os.getpid()}-{time.time_ns()}"
-    monkeypatch.setenv(FAULT_ENV, "5")
-    spec = spec_for(tmp_path, digits, tiny_model, workers=2, max_steps=8, checkpoint_every=3, max_failures=1, name=name)
-    try:
-        summary = run_finetune(spec)
-    finally:
-        Path(tempfile.gettempdir(), f"trol-fault-{name}").unlink(missing_ok=True)
+def test_a_killed_worker_restarts_from_the_last_checkpoint(tmp_path, digits, tiny_model):
+    spec = spec_for(tmp_path, digits, tiny_model, workers=2, max_steps=8, checkpoint_every=3, max_failures=1)
+    summary = run_finetune(spec, hooks=[KillOnce(5, str(tmp_path / "killed"))])
     assert summary["resumed_from"] == [3]
     assert summary["steps"] == 8
     # The loss curve continues from the checkpoint: steps 4-5 of the killed attempt are redone.
@@ -159,16 +153,10 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(tmp_path, digits, tin
 
 
 @pytest.mark.slow
-def test_rerun_after_a_crash_resumes(tmp_path, digits, tiny_model, monkeypatch):
-    name = f"crash-{os.getpid()}-{time.time_ns()}"
-    spec = spec_for(tmp_path, digits, tiny_model, max_steps=8, checkpoint_every=3, max_failures=0, name=name)
-    monkeypatch.setenv(FAULT_ENV, "5")
-    try:
-        with pytest.raises(Exception):
-            run_finetune(spec)
-    finally:
-        Path(tempfile.gettempdir(), f"trol-fault-{name}").unlink(missing_ok=True)
-    monkeypatch.delenv(FAULT_ENV)
+def test_rerun_after_a_crash_resumes(tmp_path, digits, tiny_model):
+    spec = spec_for(tmp_path, digits, tiny_model, max_steps=8, checkpoint_every=3, max_failures=0)
+    with pytest.raises(Exception):
+        run_finetune(spec, hooks=[KillOnce(5, str(tmp_path / "killed"))])
     summary = run_finetune(spec)
     assert summary["resumed_from"] == [3] and summary["steps"] == 8
     again = run_finetune(spec)  # a finished run stays finished
