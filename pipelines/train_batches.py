@@ -114,7 +114,7 @@ def prepare_micro_batch(refs: pa.Table, recipe: BatchRecipe) -> pa.Table:
     })
 
 
-def plan_dataset(plan: np.ndarray, recipe: BatchRecipe, *, micro_per_block: int = 4, cpus_per_task: float = 0.5):
+def plan_dataset(plan: np.ndarray, recipe: BatchRecipe, *, rows_per_block: int = 256, cpus_per_task: float = 0.5):
     """A Ray Dataset of prepared micro-batches in plan order (None for an empty plan)."""
     import ray.data
 
@@ -123,7 +123,7 @@ def plan_dataset(plan: np.ndarray, recipe: BatchRecipe, *, micro_per_block: int 
     batch_size = plan.shape[1]
     micro = np.repeat(np.arange(plan.shape[0], dtype=np.int64), batch_size)
     flat = plan.reshape(-1)
-    step = micro_per_block * batch_size  # blocks hold whole micro-batches
+    step = max(1, rows_per_block // batch_size) * batch_size  # blocks hold whole micro-batches
     tables = [pa.table({"micro": micro[i:i + step], "row": flat[i:i + step]}) for i in range(0, len(flat), step)]
     ds = ray.data.from_arrow(tables)
     # This dataset's own context (a copy): the plan's order must survive the streaming
@@ -196,7 +196,7 @@ class TimedBatches:
     data once the pipeline runs (Ray prefetches the next batches while a step runs);
     `startup_seconds` the wait for the first batch, while the pipeline starts."""
 
-    def __init__(self, plan: np.ndarray, recipe: BatchRecipe, device: Any, *, prefetch: int = 4,
+    def __init__(self, plan: np.ndarray, recipe: BatchRecipe, device: Any, *, prefetch: int = 8,
                  cpus_per_task: float = 0.5):
         self.wait_seconds = self.startup_seconds = 0.0
         self._started = False

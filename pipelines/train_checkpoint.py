@@ -94,6 +94,9 @@ def save_train_state(directory: str, scheduler: Any, state: TrainState, optimize
 def load_train_state(directory: str) -> tuple[dict[str, Any] | None, dict[str, Any], TrainState]:
     """(optimizer state or None when sharded, scheduler state, train state)."""
     saved = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
+    if "batches_in_epoch" in saved["train"]:
+        raise ValueError(f"{directory}: written by an older trol-ray whose data order cannot be resumed exactly; "
+                         "start a fresh run (a new name or output)")
     return saved.get("optimizer"), saved["scheduler"], TrainState(**saved["train"])
 
 

@@ -22,7 +22,7 @@ from .storage import Storage
 from .train_batches import BatchRecipe, TimedBatches
 from .train_checkpoint import TrainState
 from .train_data import COUNTER_NAMES, RowFormat
-from .train_plan import RowIndex, eval_plan, worker_plan
+from .train_plan import eval_plan, micro_batches_per_worker, worker_plan
 
 
 @dataclass
@@ -48,13 +48,22 @@ class TrainData:
         self.eval = BatchRecipe(config["eval_index"], config["eval_columns"], fmt, processor, storage) \
             if config.get("eval_index") else None
 
-    def epoch(self, epoch: int, skip_micro: int, steps_left: int | None) -> TimedBatches:
-        """The rest of this epoch's plan (only as many steps as the run has left)."""
+    def micro_per_epoch(self) -> int:
         s = self.spec
-        plan = worker_plan(self.train.index, seed=s.seed, epoch=epoch, rank=self.rank, world=self.world,
-                           batch_size=s.batch_size, grad_accum=s.grad_accum, shuffle_window=s.shuffle_window)
-        end = None if steps_left is None else skip_micro + steps_left * s.grad_accum
-        return TimedBatches(plan[skip_micro:end], self.train, self.device, cpus_per_task=s.data_cpus_per_task)
+        return micro_batches_per_worker(self.train.index.num_rows, self.world, s.batch_size, s.grad_accum)
+
+    def stream(self, epoch: int, skip_micro: int, micro_left: int) -> TimedBatches:
+        """One pipeline for the rest of the run: the plans of this and the following epochs,
+        past what was consumed, `micro_left` micro-batches long (one start-up, not one per epoch)."""
+        s, plans, needed = self.spec, [], skip_micro + micro_left
+        while needed > 0:
+            plan = worker_plan(self.train.index, seed=s.seed, epoch=epoch + len(plans), rank=self.rank,
+                               world=self.world, batch_size=s.batch_size, grad_accum=s.grad_accum,
+                               shuffle_window=s.shuffle_window)
+            plans.append(plan)
+            needed -= len(plan)
+        plan = np.concatenate(plans)[skip_micro:skip_micro + micro_left] if plans else np.zeros((0, s.batch_size))
+        return TimedBatches(plan, self.train, self.device, cpus_per_task=s.data_cpus_per_task)
 
     def evaluation(self) -> TimedBatches | None:
         if self.eval is None:
@@ -153,36 +162,37 @@ def train_loop(config: dict[str, Any]) -> None:
         # epochs: the step count is only the schedule's estimate; max_steps: it is the limit.
         return state.epoch >= spec.epochs if spec.epochs else state.step >= total_steps
 
+    per_epoch = data.micro_per_epoch()
+    micro_left = (spec.epochs - state.epoch) * per_epoch - state.micro_in_epoch if spec.epochs \
+        else (total_steps - state.step) * spec.grad_accum
+    batches = data.stream(state.epoch, state.micro_in_epoch, max(0, micro_left))
     while not finished():
-        batches = data.epoch(state.epoch, state.micro_in_epoch, steps_left=None if spec.epochs else total_steps - state.step)
-        while not finished():
-            started, waited, starting = time.perf_counter(), batches.wait_seconds, batches.startup_seconds
-            micro = [b for b in (batches.next() for _ in range(spec.grad_accum)) if b is not None]
-            if not micro:
-                break  # the plan gives every worker the same number of whole steps
-            result = train_step(model, micro, optimizer, scheduler, params, max_grad_norm=spec.max_grad_norm,
-                                normalize=normalize, autocast=autocast)
-            for batch in micro:
-                counters += batch["counters"]
-            state.step += 1
-            state.micro_in_epoch += len(micro)
-            startup = batches.startup_seconds - starting  # the pipeline's start, apart from steady state
-            state.data_startup_seconds += startup
-            meter.add_step(result.loss_sum, result.label_tokens, result.tokens,
-                           time.perf_counter() - started - startup, batches.wait_seconds - waited)
-            if hooks:
-                rows = np.concatenate([b["rows"].cpu().numpy() for b in micro])
-                info = StepInfo(state.step, state.epoch, rank, rows[rows >= 0].tolist(), config["run_dir"])
-                for hook in hooks:
-                    hook(info)
-            if finished():
-                break
-            if state.step % spec.checkpoint_every == 0:
-                checkpoint()
-            elif state.step % spec.log_every == 0:
-                log()
+        started, waited, starting = time.perf_counter(), batches.wait_seconds, batches.startup_seconds
+        micro = [b for b in (batches.next() for _ in range(spec.grad_accum)) if b is not None]
+        if len(micro) < spec.grad_accum:
+            raise RuntimeError(f"the data stream ended early at step {state.step} (planned {micro_left} more micro-batches)")
+        result = train_step(model, micro, optimizer, scheduler, params, max_grad_norm=spec.max_grad_norm,
+                            normalize=normalize, autocast=autocast)
+        for batch in micro:
+            counters += batch["counters"]
+        step_epoch = state.epoch
+        state.step += 1
+        state.micro_in_epoch += len(micro)
+        if state.micro_in_epoch == per_epoch:  # epochs hold whole steps: a step never straddles two
+            state.epoch, state.micro_in_epoch = state.epoch + 1, 0
+        startup = batches.startup_seconds - starting  # the pipeline's start, apart from steady state
+        state.data_startup_seconds += startup
+        meter.add_step(result.loss_sum, result.label_tokens, result.tokens,
+                       time.perf_counter() - started - startup, batches.wait_seconds - waited)
+        if hooks:
+            rows = np.concatenate([b["rows"].cpu().numpy() for b in micro])
+            info = StepInfo(state.step, step_epoch, rank, rows[rows >= 0].tolist(), config["run_dir"])
+            for hook in hooks:
+                hook(info)
         if finished():
-            break  # max_steps reached inside the epoch
-        state.epoch += 1
-        state.micro_in_epoch = 0
+            break
+        if state.step % spec.checkpoint_every == 0:
+            checkpoint()
+        elif state.step % spec.log_every == 0:
+            log()
     checkpoint(final=True)  # also on a rerun of a finished run: the export and summary are redone

@@ -102,6 +102,8 @@ def wrap(module: TokenLossModule, spec: Any, device: torch.device) -> nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # fully_shard moves each unit to the mesh's current device
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     # Gradients are reduced in fp32 so small updates to fp32 parameters are not lost.
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
