@@ -167,6 +167,7 @@ class MicroBatchCollate(_collate_base()):
             "labels": torch.from_numpy(_stack(table.column("labels"), rows).astype(np.int64)),
             "attention_mask": torch.from_numpy((np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)),
             "rows": torch.from_numpy(table.column("row").to_numpy().astype(np.int64)),
+            "micro": torch.tensor(int(table.column("micro")[0].as_py())),
             "counters": torch.from_numpy(_counter_values(table)),
         }
         present = [p for p in table.column("pixels").to_pylist() if p is not None]
@@ -199,15 +200,25 @@ class TimedBatches:
     def __init__(self, plan: np.ndarray, recipe: BatchRecipe, device: Any, *, prefetch: int = 8,
                  cpus_per_task: float = 0.5):
         self.wait_seconds = self.startup_seconds = 0.0
-        self._started = False
+        self._started, self._expected = False, 0
         ds = plan_dataset(plan, recipe, cpus_per_task=cpus_per_task)
-        self._it: Iterator[dict[str, Any]] = iter(()) if ds is None else iter(ds.iter_torch_batches(
+        # A one-way split runs the streaming executor in its own Ray actor, not in this
+        # training process, where its scheduling loop would compete with the step for the GIL.
+        source = None if ds is None else ds.streaming_split(1, equal=False)[0]
+        self._it: Iterator[dict[str, Any]] = iter(()) if source is None else iter(source.iter_torch_batches(
             batch_size=plan.shape[1], collate_fn=MicroBatchCollate(recipe.processor.image_size),
-            prefetch_batches=prefetch, device=device, pin_memory=getattr(device, "type", "cpu") == "cuda"))
+            prefetch_batches=prefetch, device="cpu", pin_memory=getattr(device, "type", "cpu") == "cuda"))
+        self._device = device
 
     def next(self) -> dict[str, Any] | None:
         started = time.perf_counter()
         batch = next(self._it, None)
+        if batch is not None:
+            if int(batch.pop("micro")) != self._expected:  # the plan's order is what resume relies on
+                raise RuntimeError(f"micro-batch {self._expected} of the plan arrived out of order")
+            self._expected += 1
+            # Pinned host memory → device without waiting: the copy queues ahead of the step.
+            batch = {k: v.to(self._device, non_blocking=True) for k, v in batch.items()}
         if self._started:
             self.wait_seconds += time.perf_counter() - started
         else:

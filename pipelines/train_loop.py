@@ -20,7 +20,6 @@ from jobs.specs import FinetuneSpec
 from .predictor import materialize_model
 from .storage import Storage
 from .train_batches import BatchRecipe, TimedBatches
-from .train_checkpoint import TrainState
 from .train_data import COUNTER_NAMES, RowFormat
 from .train_plan import eval_plan, micro_batches_per_worker, worker_plan
 
