@@ -198,13 +198,14 @@ class TimedBatches:
     `startup_seconds` the wait for the first batch, while the pipeline starts."""
 
     def __init__(self, plan: np.ndarray, recipe: BatchRecipe, device: Any, *, prefetch: int = 8,
-                 cpus_per_task: float = 0.5):
+                 cpus_per_task: float = 0.5, own_executor: bool = True):
         self.wait_seconds = self.startup_seconds = 0.0
         self._started, self._expected = False, 0
         ds = plan_dataset(plan, recipe, cpus_per_task=cpus_per_task)
         # A one-way split runs the streaming executor in its own Ray actor, not in this
         # training process, where its scheduling loop would compete with the step for the GIL.
-        source = None if ds is None else ds.streaming_split(1, equal=False)[0]
+        # Short pipelines (evaluation) skip it: starting that actor costs more than it saves.
+        source = ds if ds is None or not own_executor else ds.streaming_split(1, equal=False)[0]
         self._it: Iterator[dict[str, Any]] = iter(()) if source is None else iter(source.iter_torch_batches(
             batch_size=plan.shape[1], collate_fn=MicroBatchCollate(recipe.processor.image_size),
             prefetch_batches=prefetch, device="cpu", pin_memory=getattr(device, "type", "cpu") == "cuda"))

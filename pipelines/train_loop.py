@@ -69,7 +69,8 @@ class TrainData:
             return None
         plan = eval_plan(self.eval.index, rank=self.rank, world=self.world, batch_size=self.spec.batch_size,
                          max_batches=self.spec.eval_max_batches)
-        return TimedBatches(plan, self.eval, self.device, cpus_per_task=self.spec.data_cpus_per_task)
+        return TimedBatches(plan, self.eval, self.device, cpus_per_task=self.spec.data_cpus_per_task,
+                            own_executor=False)
 
 
 def train_loop(config: dict[str, Any]) -> None:
