@@ -194,6 +194,11 @@ class FinetuneSpec(_Spec):
     eval_max_batches: int = Field(20, ge=1)
     model_cache_dir: str | None = None
     storage: StorageSpec = Field(default_factory=StorageSpec)
+    # --- cluster-scale data and multi-node (issue 9) ---
+    shuffle_window: int = Field(1024, ge=1, description="rows shuffled together after row groups are shuffled; 1: no local shuffle")
+    data_cpus_per_task: float = Field(0.5, gt=0.0, description="CPU per Ray Data task that decodes and tokenises")
+    shared_paths: list[str] = Field(default_factory=list, description="local folders every node mounts (NFS, …); "
+                                    "with several nodes, local output/data/base_model must lie under one")
 
     @field_validator("stage", mode="before")
     @classmethod
@@ -217,6 +222,9 @@ class FinetuneSpec(_Spec):
             raise ValueError("keep_adapter only applies to stage: 2 (LoRA)")
         if self.quantize and self.gpus_per_worker == 0:
             raise ValueError("quantize: 4 needs gpus_per_worker: 1 (bitsandbytes runs on CUDA)")
+        if self.quantize and self.strategy == "fsdp":
+            raise ValueError("strategy: fsdp cannot shard 4-bit weights; use strategy: ddp with quantize: 4, "
+                             "or quantize: null with fsdp")
         return self
 
 

@@ -26,12 +26,43 @@ ADAPTER_DIR = "adapter"
 class TrainState:
     step: int = 0
     epoch: int = 0
-    batches_in_epoch: int = 0  # micro-batches this worker consumed in the current epoch
+    micro_in_epoch: int = 0  # micro-batches of the epoch's plan consumed (the same on every worker)
     history: list[dict[str, float]] = field(default_factory=list)
     resumed_from: list[int] = field(default_factory=list)
     data: dict[str, int] = field(default_factory=dict)
     tokens_seen: int = 0  # all workers, this run and the runs it resumed
     train_seconds: float = 0.0  # wall time in optimizer steps (data loading included)
+    data_wait_seconds: float = 0.0  # of train_seconds, time spent waiting for batches
+    data_startup_seconds: float = 0.0  # waits for each epoch's first batch (not in train_seconds)
+
+
+def rng_states() -> dict[str, Any]:
+    """Every generator a step draws from (dropout, LoRA dropout), to resume bit for bit."""
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    # Plain tensors and numbers only: checkpoints are read with torch.load(weights_only=True).
+    states = {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+              "python": list(random.getstate())}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(states["torch"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
 
 
 def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -50,14 +81,29 @@ def save_checkpoint(directory: str, model_state: dict[str, torch.Tensor], optim_
                     scheduler: Any, state: TrainState) -> None:
     os.makedirs(directory, exist_ok=True)
     save_file(_unshared(model_state), os.path.join(directory, MODEL_FILE))
-    torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict(), "train": asdict(state)},
-               os.path.join(directory, STATE_FILE))
+    save_train_state(directory, scheduler, state, optimizer=optim_state)
+
+
+def save_train_state(directory: str, scheduler: Any, state: TrainState, optimizer: dict[str, Any] | None = None) -> None:
+    saved = {"scheduler": scheduler.state_dict(), "train": asdict(state)}
+    if optimizer is not None:
+        saved["optimizer"] = optimizer
+    torch.save(saved, os.path.join(directory, STATE_FILE))
+
+
+def load_train_state(directory: str) -> tuple[dict[str, Any] | None, dict[str, Any], TrainState]:
+    """(optimizer state or None when sharded, scheduler state, train state)."""
+    saved = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
+    if "batches_in_epoch" in saved["train"]:
+        raise ValueError(f"{directory}: written by an older trol-ray whose data order cannot be resumed exactly; "
+                         "start a fresh run (a new name or output)")
+    return saved.get("optimizer"), saved["scheduler"], TrainState(**saved["train"])
 
 
 def load_checkpoint(directory: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any], TrainState]:
     model_state = load_file(os.path.join(directory, MODEL_FILE))
-    saved = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
-    return model_state, saved["optimizer"], saved["scheduler"], TrainState(**saved["train"])
+    optimizer, scheduler, state = load_train_state(directory)
+    return model_state, optimizer, scheduler, state
 
 
 def export_model(model: Any, processor: Any, directory: str, keep_adapter: bool) -> None:

@@ -1,4 +1,4 @@
-"""Training rows → model batches, on each Ray Train worker.
+"""Training rows → encoded rows: what one training row becomes, and why a row is dropped.
 
 A row has an image cell (bytes, an absolute path or an s3:// URI; null for text-only
 rows) and either a `conversations` list or a `caption` string. Bad rows are dropped and counted, never fatal:
@@ -10,7 +10,6 @@ image, under "truncate").
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,7 +60,7 @@ def row_turns(row: dict[str, Any], fmt: RowFormat, has_image: bool) -> list[dict
 
 def encode_row(row: dict[str, Any], processor: Any, fmt: RowFormat, counters: DataCounters,
                storage: Storage | None = None):
-    """One row → (encoding, pixel array or None), or None when the row is dropped."""
+    """One row → (encoding, uint8 pixels (tiles, 3, S, S) or None), or None when dropped."""
     cell = row.get(fmt.image_column)
     pixels = None
     if cell is not None:
@@ -69,12 +68,12 @@ def encode_row(row: dict[str, Any], processor: Any, fmt: RowFormat, counters: Da
         if image is None:
             counters.add("dropped_bad_image")
             return None
-        pixels = processor.preprocess_image(image)
+        # uint8 (tiles, 3, S, S): a quarter of float32's bytes to move; normalised on the device.
+        pixels = processor.prepare_image(image)
     has_image = pixels is not None
     try:
         turns = row_turns(row, fmt, has_image=has_image)
-        # A tiling processor returns (tiles, 3, S, S): each tile is a run of image tokens.
-        tiles = pixels.shape[0] if has_image and pixels.ndim == 4 else 1
+        tiles = pixels.shape[0] if has_image else 1  # each tile is a run of image tokens
         if fmt.length_policy == "truncate":
             encoding = processor.encode_conversation(turns, has_image=has_image, max_length=fmt.max_length, image_tiles=tiles)
         else:
@@ -91,28 +90,3 @@ def encode_row(row: dict[str, Any], processor: Any, fmt: RowFormat, counters: Da
         counters.add("truncated")
     counters.add("rows_used")
     return encoding, pixels
-
-
-def model_batches(
-    rows: Iterable[dict[str, Any]], processor: Any, fmt: RowFormat, batch_size: int, counters: DataCounters,
-    storage: Storage | None = None,
-) -> Iterator[dict[str, Any]]:
-    """Collated batches of `batch_size` usable rows (the last one may be smaller)."""
-    encodings, pixels = [], []
-    for row in rows:
-        item = encode_row(row, processor, fmt, counters, storage)
-        if item is None:
-            continue
-        encodings.append(item[0])
-        pixels.append(item[1])
-        if len(encodings) == batch_size:
-            yield processor.collate(encodings, pixels)
-            encodings, pixels = [], []
-    if encodings:
-        yield processor.collate(encodings, pixels)
-
-
-def arrow_rows(batches: Iterable[Any]) -> Iterator[dict[str, Any]]:
-    """Rows of pyarrow batches (Ray Data's batch_format="pyarrow") as plain dicts."""
-    for batch in batches:
-        yield from batch.to_pylist()

@@ -52,8 +52,9 @@ def ray_session() -> Iterator[None]:
 
     started = not ray.is_initialized()
     if started:
-        # Workers import `pipelines` and `trol` from the checkout even without an install.
-        path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+        # Workers import `pipelines` and `trol` from the checkout even without an install,
+        # and the fine-tuning tests' step hooks from tests/.
+        path = os.pathsep.join(filter(None, [str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH")]))
         # Ray Train's controller polls workers every 2 s by default: each report() would
         # cost that much. Set before init so every Ray process inherits it.
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")

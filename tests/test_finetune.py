@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import glob
-import os
-import tempfile
+import json
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from jobs.specs import CaptionSpec, FinetuneSpec, SpecError, build_spec
-from pipelines.finetune import FAULT_ENV, format_finetune_summary, run_finetune
+from pipelines.finetune import format_finetune_summary, run_finetune
+from train_hooks import KillOnce, RecordRows, rows_per_epoch
 from pipelines.prepare_digits import parse_digit, prepare_digits
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -144,14 +145,9 @@ def test_checkpoints_and_model_on_s3(tmp_path, digits, tiny_model, s3_env, make_
 
 
 @pytest.mark.slow
-def test_a_killed_worker_restarts_from_the_last_checkpoint(tmp_path, digits, tiny_model, monkeypatch):
-    name = f"fault-{os.getpid()}-{time.time_ns()}"
-    monkeypatch.setenv(FAULT_ENV, "5")
-    spec = spec_for(tmp_path, digits, tiny_model, workers=2, max_steps=8, checkpoint_every=3, max_failures=1, name=name)
-    try:
-        summary = run_finetune(spec)
-    finally:
-        Path(tempfile.gettempdir(), f"trol-fault-{name}").unlink(missing_ok=True)
+def test_a_killed_worker_restarts_from_the_last_checkpoint(tmp_path, digits, tiny_model):
+    spec = spec_for(tmp_path, digits, tiny_model, workers=2, max_steps=8, checkpoint_every=3, max_failures=1)
+    summary = run_finetune(spec, hooks=[KillOnce(5, str(tmp_path / "killed"))])
     assert summary["resumed_from"] == [3]
     assert summary["steps"] == 8
     # The loss curve continues from the checkpoint: steps 4-5 of the killed attempt are redone.
@@ -159,16 +155,10 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(tmp_path, digits, tin
 
 
 @pytest.mark.slow
-def test_rerun_after_a_crash_resumes(tmp_path, digits, tiny_model, monkeypatch):
-    name = f"crash-{os.getpid()}-{time.time_ns()}"
-    spec = spec_for(tmp_path, digits, tiny_model, max_steps=8, checkpoint_every=3, max_failures=0, name=name)
-    monkeypatch.setenv(FAULT_ENV, "5")
-    try:
-        with pytest.raises(Exception):
-            run_finetune(spec)
-    finally:
-        Path(tempfile.gettempdir(), f"trol-fault-{name}").unlink(missing_ok=True)
-    monkeypatch.delenv(FAULT_ENV)
+def test_rerun_after_a_crash_resumes(tmp_path, digits, tiny_model):
+    spec = spec_for(tmp_path, digits, tiny_model, max_steps=8, checkpoint_every=3, max_failures=0)
+    with pytest.raises(Exception):
+        run_finetune(spec, hooks=[KillOnce(5, str(tmp_path / "killed"))])
     summary = run_finetune(spec)
     assert summary["resumed_from"] == [3] and summary["steps"] == 8
     again = run_finetune(spec)  # a finished run stays finished
@@ -201,3 +191,72 @@ def test_epoch_runs_stop_after_their_epochs_even_when_rerun(tmp_path, digits, ti
     again = run_finetune(spec)
     assert again["steps"] == summary["steps"] and again["resumed_from"] == [summary["steps"]]
     assert again["data"]["rows_used"] == 360, "a finished run trains no extra epoch"
+
+
+@pytest.fixture(scope="module")
+def mixed(digits, tmp_path_factory) -> Path:
+    """64 digits rows in one row group, every odd row without its image. With two workers and
+    no local shuffle, worker 0 gets every image row and worker 1 only text rows."""
+    table = pq.read_table(str(digits / "test")).slice(0, 64)
+    images = [cell if i % 2 == 0 else None for i, cell in enumerate(table.column("image").to_pylist())]
+    table = table.set_column(table.schema.get_field_index("image"), "image", pa.array(images, pa.binary()))
+    out = tmp_path_factory.mktemp("mixed")
+    pq.write_table(table, out / "part-000.parquet", row_group_size=64)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["1", "2", "full"])
+def test_text_only_ranks_step_with_image_ranks_under_ddp(tmp_path, mixed, tiny_model, stage):
+    recorder = RecordRows(str(tmp_path / "rows.jsonl"))
+    summary = run_finetune(spec_for(tmp_path, mixed, tiny_model, data=str(mixed), stage=stage, workers=2,
+                                    batch_size=2, grad_accum=2, shuffle_window=1, max_steps=3,
+                                    checkpoint_every=3, lora={"r": 4, "alpha": 8}), hooks=[recorder])
+    assert summary["steps"] == 3 and all(h["loss"] > 0 for h in summary["history"])
+    records = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    by_rank = {r: {row % 2 for rec in records if rec["rank"] == r for row in rec["rows"]} for r in (0, 1)}
+    assert by_rank == {0: {0}, 1: {1}}, "one worker saw only image rows, the other only text rows"
+
+
+def epoch_rows_of(tmp_path: Path, digits: Path, tiny_model: Path, name: str, hooks: list) -> dict[int, list[int]]:
+    record = tmp_path / f"{name}.jsonl"
+    spec = spec_for(tmp_path, digits, tiny_model, data=str(digits / "test"), name=name, workers=2, batch_size=8,
+                    grad_accum=2, shuffle_window=64, max_steps=16, checkpoint_every=5, max_failures=1)
+    summary = run_finetune(spec, hooks=[RecordRows(str(record)), *hooks])
+    return summary, rows_per_epoch(str(record))
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_epoch_resumes_on_exactly_the_rows_it_had_left(tmp_path, digits, tiny_model):
+    # 360 rows, 2 workers x 2 micro-batches of 8: 12 steps per epoch, so 16 steps cross into
+    # epoch 1. The kill after step 7 resumes from the checkpoint at step 5, mid-epoch.
+    killed, resumed_rows = epoch_rows_of(tmp_path, digits, tiny_model, "killed",
+                                         [KillOnce(7, str(tmp_path / "killed-marker"))])
+    plain, plain_rows = epoch_rows_of(tmp_path, digits, tiny_model, "plain", [])
+    assert killed["resumed_from"] == [5] and killed["steps"] == plain["steps"] == 16
+    assert resumed_rows == plain_rows, "the same rows per epoch, each as often"
+    assert resumed_rows[0] == list(range(360)), "epoch 0: every row exactly once"
+    assert len(resumed_rows[1]) == 4 * 2 * 2 * 8
+    assert killed["data"]["rows_used"] == plain["data"]["rows_used"] == 360 + 128, "skipped rows are not counted"
+    steps = [h["step"] for h in killed["history"]]
+    assert steps == list(range(1, 17))
+
+
+@pytest.mark.slow
+def test_fsdp2_on_two_cpu_workers_matches_ddp_and_resumes_from_s3_shards(tmp_path, digits, tiny_model, s3_env,
+                                                                         make_bucket):
+    bucket = make_bucket("fsdp")
+    common = dict(data=str(digits / "test"), workers=2, batch_size=4, max_steps=4, checkpoint_every=2,
+                  lr=1e-3, shuffle_window=64, eval_max_batches=1)
+    ddp = run_finetune(spec_for(tmp_path, digits, tiny_model, name="ddp", **common))
+    fsdp = run_finetune(spec_for(tmp_path, digits, tiny_model, name="fsdp", strategy="fsdp", max_failures=1,
+                                 output=f"s3://{bucket}/runs", storage={"endpoint_url": s3_env.endpoint_url},
+                                 **common), hooks=[KillOnce(3, str(tmp_path / "fsdp-killed"))])
+    assert fsdp["resumed_from"] == [2], "restarted from the sharded checkpoint on S3"
+    ddp_losses = [h["loss"] for h in ddp["history"]]
+    fsdp_losses = [h["loss"] for h in fsdp["history"]]
+    assert fsdp_losses == pytest.approx(ddp_losses, rel=1e-4, abs=1e-4)
+    keys = [o["Key"] for o in s3_env.client().list_objects_v2(Bucket=bucket, Prefix="runs/fsdp/")["Contents"]]
+    shards = [k for k in keys if k.endswith(".distcp")]
+    assert {k.rsplit("/", 1)[-1] for k in shards} >= {"__0_0.distcp", "__1_0.distcp"}, "each rank wrote its shards"
+    assert f"runs/fsdp/model/model.safetensors" in keys, "one consolidated export"

@@ -2,10 +2,19 @@
 
 import io
 
+import torch
+
 import pytest
 from PIL import Image
 
-from pipelines.train_data import COUNTER_NAMES, DataCounters, RowFormat, encode_row, model_batches
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines.storage import Storage
+from pipelines.train_batches import BatchRecipe, MicroBatchCollate, prepare_micro_batch
+from pipelines.train_data import COUNTER_NAMES, DataCounters, RowFormat, encode_row
+from pipelines.train_plan import EMPTY_SLOT, RowIndex
 from trol.processing import IGNORE_INDEX
 from trol_helpers import tiny
 
@@ -50,10 +59,24 @@ def test_bad_rows_are_counted_not_raised(processor, row, counter):
         assert item is None
 
 
-def test_drop_policy_and_batches(processor):
+def test_a_micro_batch_keeps_its_slots_and_counts_what_was_dropped(processor, tmp_path):
     rows = [{"image": png(), "caption": f"caption {i}"} for i in range(5)] + [{"image": None, "caption": "w " * 300}]
-    counters = DataCounters()
-    batches = list(model_batches(rows, processor, RowFormat(max_length=64, length_policy="drop"), 2, counters))
-    assert [b["input_ids"].shape[0] for b in batches] == [2, 2, 1]
-    assert counters.counts["rows_used"] == 5 and counters.counts["dropped_too_long"] == 1
-    assert all(b["pixel_values"].shape[0] == b["input_ids"].shape[0] for b in batches)
+    path = tmp_path / "part.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=4)  # rows span two row groups
+    index = RowIndex((str(path),), ((4, 2),))
+    recipe = BatchRecipe(index, ["image", "caption"], RowFormat(max_length=64, length_policy="drop"), processor,
+                         Storage.from_environment())
+    plan = np.array([5, 0, 4, EMPTY_SLOT])  # too long, two images (from both groups), nothing
+    table = prepare_micro_batch(pa.table({"micro": [0] * 4, "row": plan}), recipe)
+    batch = MicroBatchCollate(processor.image_size)(table)
+    assert batch["input_ids"].shape[0] == 4 and batch["rows"].tolist() == plan.tolist()
+    trains = (batch["labels"] != IGNORE_INDEX).any(dim=1).tolist()
+    assert trains == [False, True, True, False], "dropped rows and empty slots stay, without labels"
+    counts = dict(zip(COUNTER_NAMES, batch["counters"].tolist()))
+    assert counts["rows_used"] == 2 and counts["dropped_too_long"] == 1
+    assert batch["pixel_values"].dtype == torch.uint8 and batch["pixel_values"].shape[0] == 2
+    lengths = batch["attention_mask"].sum(dim=1).tolist()
+    assert lengths[0] == lengths[3] == 1 and lengths[1] > processor.image_seq_length
+    expected = processor.encode_conversation([{"role": "user", "content": "Describe the image."},
+                                              {"role": "assistant", "content": "caption 4"}], has_image=True)
+    assert batch["input_ids"][2, : len(expected["input_ids"])].tolist() == expected["input_ids"]
