@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
 import sys
 import time
@@ -102,7 +103,8 @@ def upload_folder(client, folder: Path, bucket: str, prefix: str) -> None:
 def final_line(logs: str) -> str:
     """The driver's last line. Ray forwards what tasks and actors print into the same log,
     prefixed "(ActorName pid=…)", and such lines may land after the driver's own last one."""
-    return [line for line in logs.split("\n") if line.strip() and not line.startswith("(")][-1]
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", logs)  # forwarded worker lines may start with a colour code
+    return [line for line in plain.split("\n") if line.strip() and not line.startswith("(")][-1]
 
 
 def test_prepare_finetune_caption_on_a_two_node_cluster(cluster, s3_env, make_bucket, tiny_model):
