@@ -157,7 +157,7 @@ class TileProcessor:
 
     image_size = 4
 
-    def preprocess_image(self, img: Image.Image) -> np.ndarray:
+    def prepare_image(self, img: Image.Image) -> np.ndarray:
         tiles = 1 + img.size[0] % 3
         return np.full((tiles, 3, 4, 4), img.size[1], dtype=np.uint8)
 
