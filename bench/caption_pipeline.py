@@ -31,7 +31,7 @@ from .data import decode, read_rows, write_image_shards
 from .models import SHAPES, save_model
 
 # (images, shards, batch size, new tokens, job/bare repeats, batch-1 comparison images)
-WORKLOAD = {"tiny": (32, 4, 8, 4, 1, 16), "small": (96, 4, 16, 16, 2, 32)}
+WORKLOAD = {"tiny": (32, 4, 8, 4, 1, 16), "small": (96, 4, 16, 16, 2, 16)}
 PROMPT = "Describe the image."
 
 

@@ -28,7 +28,7 @@ from .models import SHAPES, save_model
 from .train_loop import PROMPT, TrainSettings, train
 
 # (steps, batch size, digit image side, repeats)
-WORKLOAD = {"tiny": (30, 16, 32, 1), "small": (16, 8, 112, 1)}
+WORKLOAD = {"tiny": (30, 16, 32, 1), "small": (8, 4, 112, 1)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
