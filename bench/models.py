@@ -1,7 +1,8 @@
 """Benchmark models (random weights, built offline) and their analytic FLOP counts.
 
-`tiny` is the test suite's toy; `small` (~76M parameters, hidden 768, 12 layers) is big
-enough that matrix multiplies, not Python, dominate a CPU forward pass.
+`tiny` is the test suite's toy; `small` (hidden 768, 12 layers: 79M parameters in its layers
+and vision side, plus 49M in a Llama-sized 32,000-token embedding and head) is big enough that
+matrix multiplies, not Python, dominate a CPU forward pass.
 """
 
 from __future__ import annotations
@@ -28,13 +29,16 @@ class Shape:
     patch: int
     vision_hidden: int
     vision_layers: int
+    # None: the tokenizer's few hundred tokens. A real LLM's head (32k+ tokens) is a large
+    # share of each decode step, and so lowers traversal's relative cost there.
+    vocab: int | None = None
 
 
 SHAPES = {
     "tiny": Shape(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128,
                   image_size=32, patch=8, vision_hidden=32, vision_layers=2),
     "small": Shape(hidden=768, layers=12, heads=12, kv_heads=4, intermediate=2048,
-                   image_size=112, patch=14, vision_hidden=256, vision_layers=4),
+                   image_size=112, patch=14, vision_hidden=256, vision_layers=4, vocab=32000),
 }
 
 
@@ -45,12 +49,14 @@ def build_model(size: str, traversal: str = "prefill", seed: int = 0,
     With eos_reachable=False the end-of-turn tokens get an all-zero LM-head row: their logit
     is exactly 0 while the best of the other few hundred random logits is positive, so
     greedy decoding always runs to max_new_tokens and every variant generates equal tokens.
+    Token ids past the tokenizer's vocabulary (small's 32k head) decode to nothing: captions
+    may be empty, their token counts are real.
     """
     shape = SHAPES[size]
     tokenizer = build_tokenizer()
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     text = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+        vocab_size=shape.vocab or len(tokenizer), hidden_size=shape.hidden, intermediate_size=shape.intermediate,
         num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
         max_position_embeddings=4096, tie_word_embeddings=False,
         pad_token_id=ids["<pad>"], bos_token_id=ids["<s>"], eos_token_id=ids["<|end|>"],
