@@ -49,6 +49,7 @@ def assert_positive(results: dict[str, tuple[float, str]], *names: str) -> None:
         assert results[name][0] > 0, (name, results[name])
 
 
+@pytest.mark.slow
 def test_traversal_cost_smoke():
     r = run_bench("traversal_cost", "--size", "tiny", "--repeats", "3")
     assert_positive(r, *(f"prefill_ms_{m}" for m in ("off", "prefill", "full")),
@@ -90,6 +91,7 @@ def test_digits_ablation_smoke():
     assert 0 <= r["seeds_where_full_beats_off"][0] <= 2
 
 
+@pytest.mark.slow
 def test_gpu_bench_runs_on_cpu_with_tiny_shape():
     r = run_bench("gpu_bench", "--device", "cpu", "--shapes", "tiny", "--batches", "1,2", "--new-tokens", "3")
     assert_positive(r, "tiny_b2_full_images_per_s", "tiny_b1_prefill_off_tflops", "tiny_b2_prefill_over_off_images_per_s")
