@@ -252,8 +252,15 @@ class TroLProcessor(ProcessorMixin):
         if placeholders != len(pixels):
             raise ValueError(f"texts hold {placeholders} {self.image_placeholder} placeholders but {len(pixels)} images were given")
         tiles = iter([p.shape[0] for p in pixels])
-        rows = [self._bos() + self._encode(t, [next(tiles) for _ in range(t.count(self.image_placeholder))])
-                for t in texts]
+        # A caption batch repeats one prompt (with hundreds of image tokens) for every row:
+        # each distinct (text, tile counts) is tokenised once.
+        encoded: dict[tuple[str, tuple[int, ...]], list[int]] = {}
+        rows = []
+        for t in texts:
+            key = (t, tuple(next(tiles) for _ in range(t.count(self.image_placeholder))))
+            if key not in encoded:
+                encoded[key] = self._bos() + self._encode(t, list(key[1]))
+            rows.append(encoded[key])
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)

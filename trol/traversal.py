@@ -100,7 +100,9 @@ class TroLDecoderLayer(nn.Module):
         if self.traversal == "off":
             return self.layer(hidden_states, *args, cache=cache, **kwargs)
         past_length = cache.get_seq_length(self.layer_idx) if cache is not None else 0
-        if past_length and self.traversal == "prefill":
+        if self.traversal == "prefill" and past_length > 0:
+            if hidden_states.shape[1] == 1:  # a cached one-token decode step runs the layer once
+                return self.layer(hidden_states, *args, cache=cache, **kwargs)
             # Cache layers replace (never mutate) their tensors, so these stay "before this step".
             stored = cache.layers[self.layer_idx]
             past = _PastPrefix(stored.keys, stored.values)
@@ -113,9 +115,7 @@ class TroLDecoderLayer(nn.Module):
                     f"got {type(cache).__name__}. Pass cache=TroLCache(config.text_config) or none."
                 )
             second_cache = cache.traversal if cache is not None else None
-        else:  # prefill: a cached one-token decode step runs the layer once
-            if cache is not None and past_length > 0 and hidden_states.shape[1] == 1:
-                return h1
+        else:  # prefill: multi-token passes traverse; the second pass caches nothing
             second_cache = past if past_length > 0 else None
         h2 = self.layer(h1, *args, cache=second_cache, **kwargs)
         return self.mixer(h1, h2)
