@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .assembly import AssemblyError, ShardAssembly
 from .caption_plan import CaptionPlan, Shard
+from .caption_state import Call, OpenShard, RunAborted, RunOutcome
 from .caption_read import read_shard_stream
 from .images import describe_exception
 
@@ -38,43 +38,6 @@ log = logging.getLogger(__name__)
 _ACTOR_QUEUE = 2  # batches per actor: one running, one waiting, so the device never idles
 _READ_AHEAD = 2  # batches per open shard read but not yet handed to an actor
 _RESOURCE_WAIT_S = 600  # how long the predictor actors may wait for the cluster's resources
-
-
-class RunAborted(RuntimeError):
-    """The run cannot go on at all (the model cannot load)."""
-
-
-@dataclass
-class OpenShard:
-    shard: Shard
-    assembly: ShardAssembly
-    attempt: int = 0
-    reader: Any = None
-    expect_table: bool = False
-    reader_done: bool = False
-    backlog: deque = field(default_factory=deque)  # batch refs waiting for an actor
-    in_flight: int = 0
-    restart_at: float | None = None
-    commit: Future | None = None
-
-
-@dataclass
-class Call:
-    rel: str
-    attempt: int
-    batch: Any
-    tries: int
-    actor: int
-
-
-@dataclass
-class RunOutcome:
-    committed: list[dict[str, Any]] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)
-    per_actor: Counter = field(default_factory=Counter)
-    first_out: float | None = None
-    rows_after_first: int = 0
-    aborted: BaseException | None = None
 
 
 class CaptionRunner:

@@ -32,20 +32,20 @@ def released_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def released_and_converted(root: Path, write_release) -> tuple[Path, Path, dict]:
+    """(released folder, converted folder, conversion report); small shards so both are sharded."""
+    src = write_release(root / "release")
+    return src, root / "trol", convert_released(str(src), str(root / "trol"), max_shard_size="64KB")
+
+
 @pytest.fixture(scope="module")
 def internlm2(tmp_path_factory):
-    root = tmp_path_factory.mktemp("internlm2")
-    src = write_internlm2_release(root / "release")
-    report = convert_released(str(src), str(root / "trol"), max_shard_size="64KB")
-    return src, root / "trol", report
+    return released_and_converted(tmp_path_factory.mktemp("internlm2"), write_internlm2_release)
 
 
 @pytest.fixture(scope="module")
 def phi3(tmp_path_factory):
-    root = tmp_path_factory.mktemp("phi3")
-    src = write_phi3_release(root / "release")
-    report = convert_released(str(src), str(root / "trol"), max_shard_size="64KB")
-    return src, root / "trol", report
+    return released_and_converted(tmp_path_factory.mktemp("phi3"), write_phi3_release)
 
 
 def test_every_tensor_is_accounted_for(internlm2, phi3):
