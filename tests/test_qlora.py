@@ -74,7 +74,7 @@ def test_qlora_on_cpu_learns_resumes_exactly_and_exports_a_model_the_caption_job
     assert all(torch.equal(exported["whole"][k], exported["killed"][k]) for k in exported["whole"])
 
     # A checkpoint holds what trains (LoRA, projector, mixers); the 4-bit base comes from base_model.
-    checkpoints = sorted((tmp_path / "runs" / "whole").glob("checkpoint_*"))
+    checkpoints = sorted(p for p in (tmp_path / "runs" / "whole").glob("checkpoint_*") if p.is_dir())
     saved = load_file(str(checkpoints[-1] / "model.safetensors"))
     assert saved and all(".lora_" in k or k.startswith("vision.projector.") or ".mixer." in k for k in saved)
     # The export is a plain TroL checkpoint (no adapters, no quantization constants) that

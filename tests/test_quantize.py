@@ -95,3 +95,13 @@ def test_caption_job_captions_every_row_with_4_and_8_bit_weights_on_cpu(released
     mixed = spec(8).model_copy(update={"output": str(tmp_path / "out4")})
     with pytest.raises(SpecError, match="quantize"):
         plan_caption(mixed)
+
+
+@pytest.mark.slow
+def test_quantization_bench_smoke():
+    from test_bench import run_bench
+
+    r = run_bench("quantization", "--size", "tiny")
+    assert 0 < r["weights_ratio_nf4_over_fp32"][0] < r["weights_ratio_int8_over_fp32"][0] < 1
+    assert 0 < r["quantized_share_of_fp32"][0] < 1
+    assert 0 < r["logit_max_diff_int8"][0] < r["logit_max_diff_nf4"][0]
