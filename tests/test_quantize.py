@@ -73,7 +73,7 @@ def test_only_decoder_projections_are_quantized_and_logits_stay_close(released, 
 @pytest.mark.slow
 @pytest.mark.usefixtures("ray_session")
 def test_caption_job_captions_every_row_with_4_and_8_bit_weights_on_cpu(released, write_shards, tmp_path):
-    from pipelines.caption import plan_caption, run_caption
+    from pipelines.caption import run_caption
     from pipelines.specs import CaptionSpec, SpecError, build_spec
 
     rows = write_shards(str(tmp_path / "in"), [5, 3])
@@ -91,10 +91,10 @@ def test_caption_job_captions_every_row_with_4_and_8_bit_weights_on_cpu(released
         assert table.column("error").null_count == table.num_rows
         assert all(isinstance(c, str) for c in table.column("caption").to_pylist())
         assert min(table.column("num_tokens").to_pylist()) >= 1
-    # quantize is part of the spec fingerprint: 8-bit captions never land beside 4-bit ones.
-    mixed = spec(8).model_copy(update={"output": str(tmp_path / "out4")})
+    # quantize is part of the spec fingerprint: 8-bit captions never land beside 4-bit ones
+    # (refused while planning, before any model loads).
     with pytest.raises(SpecError, match="quantize"):
-        plan_caption(mixed)
+        run_caption(spec(8).model_copy(update={"output": str(tmp_path / "out4")}))
 
 
 @pytest.mark.slow
