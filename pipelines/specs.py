@@ -7,6 +7,7 @@ Defaults are visible next to each field.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -71,6 +72,14 @@ class GenerationSpec(_Spec):
     seed: int | None = Field(None, description="with do_sample: seed applied to every batch")
 
 
+def _bitsandbytes_installed(bits: int | None) -> int | None:
+    """Checked where the spec is read, before any model loads (without importing torch)."""
+    if bits and importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(f"quantize: {bits} needs bitsandbytes (pip install bitsandbytes; the dev and gpu "
+                         "extras install it), or set quantize: null")
+    return bits
+
+
 # Output columns the caption job adds; id columns may not reuse them.
 CAPTION_COLUMNS = ("caption", "error", "num_tokens", "model")
 
@@ -93,7 +102,7 @@ class CaptionSpec(_Spec):
     cpus_per_actor: float = Field(1.0, gt=0.0, description="CPU reserved by each predictor actor")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     quantize: Literal[4, 8] | None = Field(
-        None, description="4 or 8: bitsandbytes weights for the LLM's linear layers (CUDA GPUs, the gpu extra)")
+        None, description="4 or 8: bitsandbytes weights for the LLM's linear layers (GPU or CPU; needs bitsandbytes)")
     max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="larger images become row errors")
     max_open_shards: int = Field(
         4, ge=1, le=4096,
@@ -137,11 +146,10 @@ class CaptionSpec(_Spec):
             raise ValueError("must be a folder or prefix, not a glob")
         return v
 
-    @model_validator(mode="after")
-    def _quantize_needs_gpus(self) -> CaptionSpec:
-        if self.quantize and self.gpus_per_actor == 0:
-            raise ValueError("quantize needs gpus_per_actor > 0 (bitsandbytes runs on CUDA); set quantize: null on CPU")
-        return self
+    @field_validator("quantize")
+    @classmethod
+    def _quantize(cls, v: int | None) -> int | None:
+        return _bitsandbytes_installed(v)
 
 
 class LoraSpec(_Spec):
@@ -162,7 +170,7 @@ class FinetuneSpec(_Spec):
     stage: Literal["1", "2", "full"] = Field(
         "1", description="1: projector + mixers; 2: 1 + LoRA on the LLM; full: everything")
     lora: LoraSpec = Field(default_factory=LoraSpec)
-    quantize: Literal[4] | None = Field(None, description="4: QLoRA (stage 2, CUDA + bitsandbytes)")
+    quantize: Literal[4] | None = Field(None, description="4: QLoRA (stage 2, DDP; GPU or CPU with bitsandbytes)")
     train_partial_lora: bool = Field(
         False, description="stage 2: also train a converted TroL-1.8B/7B's image-token partial LoRA (full: always)")
     keep_adapter: bool = Field(False, description="stage 2: save the LoRA adapter beside the base instead of merging")
@@ -200,6 +208,11 @@ class FinetuneSpec(_Spec):
     shared_paths: list[str] = Field(default_factory=list, description="local folders every node mounts (NFS, …); "
                                     "with several nodes, local output/data/base_model must lie under one")
 
+    @field_validator("quantize")
+    @classmethod
+    def _quantize(cls, v: int | None) -> int | None:
+        return _bitsandbytes_installed(v)
+
     @field_validator("stage", mode="before")
     @classmethod
     def _stage(cls, v):
@@ -220,8 +233,6 @@ class FinetuneSpec(_Spec):
             raise ValueError("quantize: 4 (QLoRA) goes with stage: 2")
         if self.keep_adapter and self.stage != "2":
             raise ValueError("keep_adapter only applies to stage: 2 (LoRA)")
-        if self.quantize and self.gpus_per_worker == 0:
-            raise ValueError("quantize: 4 needs gpus_per_worker: 1 (bitsandbytes runs on CUDA)")
         if self.quantize and self.strategy == "fsdp":
             raise ValueError("strategy: fsdp cannot shard 4-bit weights; use strategy: ddp with quantize: 4, "
                              "or quantize: null with fsdp")

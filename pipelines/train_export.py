@@ -18,17 +18,22 @@ def export_run(model, checkpointer, processor, spec, config: dict[str, Any], sta
     output/name/{model/, loss_curve.png, training_summary.json} and returns the summary."""
     import ray.train
 
-    from .train_parallel import load_for_stage
+    from .train_parallel import inner, load_for_stage
 
     full_state = checkpointer.full_model_state()
     if ray.train.get_context().get_world_rank() != 0:
         return {}
     storage = config["storage"]
-    # The full-precision base (with adapters for stage 2) plus what was trained is the model;
-    # under QLoRA the 4-bit copy of the base was only a stand-in for it.
+    # The base (with adapters for stage 2) plus what was trained is the model. Under QLoRA the
+    # adapters learned to correct the 4-bit weights, so the base is those weights dequantized:
+    # the export computes what was trained and evaluated, in ordinary tensors any loader reads.
     import torch
 
     plain, _ = load_for_stage(spec, model_path, torch.device("cpu"), quantize=False)
+    if spec.quantize:
+        from trol.quantization import dequantized_weights
+
+        full_state = {**dequantized_weights(inner(model).model), **full_state}
     result = plain.load_state_dict(full_state, strict=spec.stage == "full")
     if result.unexpected_keys:
         raise ValueError(f"trained weights do not fit the base model: {sorted(result.unexpected_keys)[:3]}")

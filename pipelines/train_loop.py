@@ -110,9 +110,11 @@ def train_loop(config: dict[str, Any]) -> None:
     # --- checkpoints, data, metrics
     checkpointer = Checkpointer(model, optimizer, scheduler, stage=spec.stage, trainable=trainable,
                                 sharded=spec.strategy == "fsdp" and world > 1, rank=rank)
+    # Measured before the restore: its random matrices would advance the generators a resumed
+    # run has just set back, and the next dropout masks would differ from the uninterrupted run's.
+    peak, peak_source = device_peak_flops(device)
     state = checkpointer.restore()
     data = TrainData(spec, config, processor, rank, world, device)
-    peak, peak_source = device_peak_flops(device)
     meter = StepMeter(world, device, flops_per_token, peak)
     counters = torch.zeros(len(COUNTER_NAMES), dtype=torch.long, device=device)
     autocast, normalize = autocast_for(spec, device), processor.normalize

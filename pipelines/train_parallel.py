@@ -48,12 +48,16 @@ def load_for_stage(spec: Any, path: str, device: torch.device, *, quantize: bool
     """The model with the stage's adapters and trainable set. On GPU with bf16, frozen weights
     load in bf16 (no per-use casts, half the memory) while trainable ones stay fp32."""
     from trol import TroLForConditionalGeneration, TroLProcessor
-    from trol.training import LoraSettings, apply_saved_adapter, prepare_for_stage, quantization_config
+    from trol.quantization import load_kwargs, set_cpu_repacking
+    from trol.training import LoraSettings, apply_saved_adapter, prepare_for_stage
 
     bits = spec.quantize if quantize else None
     low_precision = bf16_on(spec, device) and spec.stage != "full"
-    model = TroLForConditionalGeneration.from_pretrained(
-        path, dtype=torch.bfloat16 if low_precision else torch.float32, quantization_config=quantization_config(bits))
+    dtype = torch.bfloat16 if low_precision else torch.float32
+    # QLoRA: the 4-bit layers compute in the frozen weights' dtype (bf16 on GPUs, fp32 on CPU).
+    model = TroLForConditionalGeneration.from_pretrained(path, dtype=dtype, **load_kwargs(bits, dtype, device))
+    if bits:
+        set_cpu_repacking(model, allowed=False)
     adapter = os.path.join(path, ADAPTER_DIR)
     if os.path.isfile(os.path.join(adapter, "adapter_config.json")):  # a keep_adapter export as base
         if bits:

@@ -1,8 +1,11 @@
 """Independent references for the released TroL models, written from the equations (not from
 our model code): InternLM2 with packed qkv and partial LoRA, traversal with the shared gate
-in the released "prefill" behaviour, and InternViT with pixel shuffle and its projector."""
+in the released "prefill" behaviour, InternViT with pixel shuffle and its projector, and
+TroL-3.8B's Phi-3 with its longrope scaling."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -121,3 +124,67 @@ def internvit_features(W: dict[str, torch.Tensor], vit: dict, pixels: torch.Tens
     y = F.layer_norm(y, (y.shape[-1],), W["vision_proj.0.weight"], W["vision_proj.0.bias"])
     y = F.gelu(y @ W["vision_proj.1.weight"].T + W["vision_proj.1.bias"])
     return y @ W["vision_proj.3.weight"].T + W["vision_proj.3.bias"]
+
+
+def phi3_rope(llm: dict, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin for Phi-3 positions (batch, seq): with longrope ("su"), the long factors divide
+    the frequencies once any position reaches original_max_position_embeddings, and cos/sin
+    are scaled by sqrt(1 + ln(s) / ln(original)), s = max_position_embeddings / original."""
+    hd = llm["hidden_size"] // llm["num_attention_heads"]
+    inv_freq = 1.0 / llm["rope_theta"] ** (torch.arange(0, hd, 2).float() / hd)
+    scale = 1.0
+    scaling = llm.get("rope_scaling")
+    if scaling:
+        original = llm["original_max_position_embeddings"]
+        long = int(positions.max()) + 1 > original
+        inv_freq = inv_freq / torch.tensor(scaling["long_factor" if long else "short_factor"])
+        ratio = llm["max_position_embeddings"] / original
+        scale = math.sqrt(1 + math.log(ratio) / math.log(original)) if ratio > 1 else 1.0
+    angles = positions[..., None].float() * inv_freq
+    angles = torch.cat([angles, angles], -1)
+    return angles.cos() * scale, angles.sin() * scale
+
+
+class Phi3Reference:
+    """TroL-3.8B's LLM as released (names under `language_model.`): Phi-3 with fused qkv and
+    gate/up projections, one TroL gate per layer, every multi-token pass traversed."""
+
+    def __init__(self, W: dict[str, torch.Tensor], llm: dict, gates: dict[str, torch.Tensor]):
+        self.W, self.llm, self.gates = W, llm, gates
+        self.heads, self.kv = llm["num_attention_heads"], llm["num_key_value_heads"]
+        self.hd = llm["hidden_size"] // self.heads
+        self.eps = llm["rms_norm_eps"]
+
+    def layer(self, i: int, x, cos, sin, allowed):
+        W, p = self.W, f"language_model.model.layers.{i}."
+        b, t, _ = x.shape
+        qkv = rms(x, W[p + "input_layernorm.weight"], self.eps) @ W[p + "self_attn.qkv_proj.weight"].T
+        q, k, v = qkv.split([self.heads * self.hd, self.kv * self.hd, self.kv * self.hd], -1)
+        q = q.view(b, t, self.heads, self.hd).transpose(1, 2)
+        k, v = (z.view(b, t, self.kv, self.hd).transpose(1, 2) for z in (k, v))
+        q, k = rotate(q, cos[:, None], sin[:, None]), rotate(k, cos[:, None], sin[:, None])
+        group = self.heads // self.kv
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        scores = (q @ k.transpose(-1, -2) / self.hd**0.5).masked_fill(~allowed, torch.finfo(q.dtype).min)
+        x = x + (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, -1) @ W[p + "self_attn.o_proj.weight"].T
+        gate, up = (rms(x, W[p + "post_attention_layernorm.weight"], self.eps) @ W[p + "mlp.gate_up_proj.weight"].T).chunk(2, -1)
+        return x + (up * F.silu(gate)) @ W[p + "mlp.down_proj.weight"].T
+
+    def logits(self, embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """One prefill pass over left-padded rows; positions count real tokens only."""
+        t = embeds.shape[1]
+        if t > (self.llm.get("sliding_window") or t):
+            raise ValueError("the reference has no sliding window; keep sequences within it")
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        cos, sin = phi3_rope(self.llm, positions)
+        allowed = torch.ones(t, t, dtype=torch.bool).tril()[None, None] & attention_mask[:, None, None, :].bool()
+        x = embeds
+        for i in range(self.llm["num_hidden_layers"]):
+            h1 = self.layer(i, x, cos, sin, allowed)
+            if t > 1:
+                h2 = self.layer(i, h1, cos, sin, allowed)
+                s = 0.5 * torch.tanh(h1 @ self.gates[f"{i}.weight"].T + self.gates[f"{i}.bias"]) + 0.5
+                x = (1 - s) * h1 + s * h2
+            else:
+                x = h1
+        return rms(x, self.W["language_model.model.norm.weight"], self.eps) @ self.W["language_model.lm_head.weight"].T

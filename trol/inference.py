@@ -11,6 +11,7 @@ import torch
 
 from .modeling import TroLForConditionalGeneration
 from .processing import TroLProcessor
+from .quantization import load_kwargs, set_cpu_repacking
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -39,28 +40,6 @@ def default_attn_implementation(device: torch.device, dtype: torch.dtype) -> str
     return "sdpa"
 
 
-def inference_quantization(bits: int | None):
-    """bitsandbytes 4- or 8-bit weights for the LLM's linear layers (CUDA only). The vision
-    tower, projector, TroL gates, partial-LoRA adapters and LM head stay unquantised, as in
-    the released models."""
-    if not bits:
-        return None
-    if bits not in (4, 8):
-        raise ValueError(f"quantize={bits}: choose 4, 8 or null")
-    if not torch.cuda.is_available():
-        raise ValueError(f"quantize: {bits} needs a CUDA GPU (bitsandbytes); set quantize: null on CPU")
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=bits == 4,
-        load_in_8bit=bits == 8,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16,
-        bnb_4bit_use_double_quant=True,
-        llm_int8_skip_modules=["vision", "gate_linear", "plora_A", "plora_B", "lm_head"],
-    )
-
-
 def load_model(
     name_or_path: str,
     dtype: str = "auto",
@@ -68,12 +47,13 @@ def load_model(
     attn_implementation: str | None = None,
     quantize: int | None = None,
 ) -> tuple[TroLForConditionalGeneration, TroLProcessor]:
-    """Model on its device in eval mode, and its processor."""
+    """Model on its device in eval mode, and its processor. `quantize` 4 or 8 loads the LLM's
+    linear layers with bitsandbytes on CUDA or CPU (see trol.quantization), computing in the
+    model's dtype."""
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     attn = attn_implementation or default_attn_implementation(dev, torch_dtype)
-    quantization = inference_quantization(quantize)
-    extra = {"quantization_config": quantization, "device_map": {"": dev.index or 0}} if quantization else {}
+    extra = load_kwargs(quantize, torch_dtype, dev)
     model = TroLForConditionalGeneration.from_pretrained(
         name_or_path, dtype=torch_dtype, attn_implementation=attn, **extra
     )
@@ -82,8 +62,10 @@ def load_model(
         from .training import apply_saved_adapter
 
         apply_saved_adapter(model, adapter)
-    if not quantization:  # bitsandbytes placed the weights already
+    if not quantize:  # bitsandbytes placed the weights already
         model = model.to(dev)
+    elif dev.type == "cpu":
+        set_cpu_repacking(model, allowed=True)
     return model.eval(), TroLProcessor.from_pretrained(name_or_path)
 
 

@@ -118,25 +118,17 @@ def prepare_for_stage(
     return TrainingParts(stage=stage, lora=lora if stage == "2" else None, counts=counts)
 
 
-def quantization_config(bits: int | None):
-    """QLoRA: the LLM's linear layers in 4-bit NF4 (bitsandbytes, CUDA only); vision, projector,
-    mixers and LM head stay in full precision."""
+def quantization_config(bits: int | None, compute_dtype: torch.dtype = torch.float32):
+    """QLoRA: the LLM's linear layers in 4-bit NF4 (bitsandbytes, CUDA or CPU), computing in
+    `compute_dtype`; vision, projector, mixers, partial LoRA and LM head stay in full precision
+    (trol.quantization.SKIP_MODULES)."""
     if not bits:
         return None
     if bits != 4:
-        raise ValueError(f"quantize={bits}: only 4 (QLoRA NF4) is supported")
-    if not torch.cuda.is_available():
-        raise ValueError("quantize: 4 needs CUDA GPUs (bitsandbytes); set quantize: null on CPU")
-    from transformers import BitsAndBytesConfig
+        raise ValueError(f"quantize={bits}: only 4 (QLoRA NF4) is supported for training")
+    from .quantization import bnb_config
 
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_compute_dtype=torch.bfloat16,
-        bnb_4bit_use_double_quant=True,
-        # Matched as name prefixes or suffixes: the mixer's linear is "...mixer.gate_linear".
-        llm_int8_skip_modules=["vision", "gate_linear", "plora_A", "plora_B", "lm_head"],
-    )
+    return bnb_config(4, compute_dtype)
 
 
 def apply_saved_adapter(model: TroLForConditionalGeneration, adapter_dir: str) -> int:

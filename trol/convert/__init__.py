@@ -26,6 +26,7 @@ from ..modeling import TroLForConditionalGeneration
 from ..processing import TroLProcessor
 from . import internlm2, phi3
 from .checkpoint import ConversionError, ShardWriter, convert_tensors, expected_state, iter_source_tensors, source_weight_files
+from .config_keys import log_ignored
 
 GATES_FILE = "trol_gating.pt"
 FAMILIES = {"internlm2": internlm2, "phi3": phi3}
@@ -104,6 +105,7 @@ def convert_released(src: str, dst: str, *, traversal: str = "prefill", max_shar
     family = detect_family(raw, set(shapes))
     module = FAMILIES[family]
     plan = module.plan(source, raw, shapes)
+    log_ignored(plan["ignored_config_keys"])
     tokenizer = _tokenizer(family, source)
     image_token_id = tokenizer.convert_tokens_to_ids(plan["image_token"])
     if image_token_id is None or image_token_id == tokenizer.unk_token_id:
@@ -136,7 +138,8 @@ def convert_released(src: str, dst: str, *, traversal: str = "prefill", max_shar
         processor.save_pretrained(tmp)
         generation_config(tokenizer, plan, image_token_id).save_pretrained(tmp)
         report = {"source": src, "family": family, "traversal": traversal, "dtype": str(dtype).replace("torch.", ""),
-                  **counts, "bytes": writer.total_bytes, "seconds": round(time.time() - started, 1)}
+                  **counts, "bytes": writer.total_bytes, "seconds": round(time.time() - started, 1),
+                  "ignored_config_keys": sorted(plan["ignored_config_keys"])}
         (tmp / "conversion.json").write_text(json.dumps(report, indent=2) + "\n")
         if out.exists():
             out.rmdir()

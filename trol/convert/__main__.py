@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
 from . import ConversionError, convert_released
@@ -17,6 +18,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="prefill = the released behaviour (default); full also traverses decode steps")
     parser.add_argument("--max-shard-size", default="2GB", help="largest output safetensors file (default 2GB)")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="trol convert: %(message)s")  # e.g. the ignored config keys
     try:
         report = convert_released(args.src, args.dst, traversal=args.traversal, max_shard_size=args.max_shard_size)
     except (ConversionError, FileNotFoundError, ValueError) as exc:

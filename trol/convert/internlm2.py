@@ -16,9 +16,11 @@ from pathlib import Path
 
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig
+from transformers.activations import ACT2FN
 
 from ..processing import ChatFormat, ImageSettings
 from .checkpoint import ConversionError
+from .config_keys import ConfigSection
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -44,33 +46,53 @@ def is_internlm2(config: dict, names: set[str]) -> bool:
     return "model.tok_embeddings.weight" in names or config.get("model_type") == "internlm2"
 
 
-def text_config(config: dict, embedding_rows: int) -> LlamaConfig:
-    heads = config["num_attention_heads"]
-    rope = {"rope_type": "default", "rope_theta": float(config.get("rope_theta", 10000.0))}
-    scaling = config.get("rope_scaling")
+def text_config(config: dict, embedding_rows: int, head_rows: int) -> tuple[LlamaConfig, list[str]]:
+    """The Llama decoder config for InternLM2's fields, and the config.json keys ignored.
+    Defaults are those of the release's InternLM2Config for keys a hand-written file omits."""
+    keys = ConfigSection(config)
+    heads = keys.take("num_attention_heads")
+    vocab = keys.take("vocab_size", head_rows)
+    if vocab != head_rows:
+        raise ConversionError(f"config.json vocab_size={vocab}, but output.weight has {head_rows} rows")
+    rope = {"rope_type": "default", "rope_theta": float(keys.take("rope_theta", 10000.0))}
+    scaling = keys.take("rope_scaling", None)
     if scaling:
-        if scaling.get("type", scaling.get("rope_type")) != "dynamic":
-            raise ConversionError(f"config.json rope_scaling={scaling}: only 'dynamic' (as InternLM2 uses) is supported")
-        rope.update(rope_type="dynamic", factor=float(scaling["factor"]))
-    bias = bool(config.get("bias", False))
-    return LlamaConfig(
+        kind = scaling.get("type", scaling.get("rope_type")) if isinstance(scaling, dict) else None
+        factor = scaling.get("factor") if isinstance(scaling, dict) else None
+        if kind != "dynamic" or not isinstance(factor, (int, float)) or factor < 1:
+            raise ConversionError(f"config.json rope_scaling={scaling!r} is not supported: the release's InternLM2 "
+                                  "runs only null or {\"type\": \"dynamic\", \"factor\": >= 1}")
+        rope.update(rope_type="dynamic", factor=float(factor))
+    hidden_act = keys.take("hidden_act", "silu")
+    if hidden_act not in ACT2FN:
+        raise ConversionError(f"config.json hidden_act={hidden_act!r} is not an activation transformers knows")
+    bias = bool(keys.take("bias", True))
+    eos = keys.take("eos_token_id", 2)
+    text = LlamaConfig(
         vocab_size=embedding_rows,
-        hidden_size=config["hidden_size"],
-        intermediate_size=config["intermediate_size"],
-        num_hidden_layers=config["num_hidden_layers"],
+        hidden_size=keys.take("hidden_size"),
+        intermediate_size=keys.take("intermediate_size"),
+        num_hidden_layers=keys.take("num_hidden_layers"),
         num_attention_heads=heads,
-        num_key_value_heads=config.get("num_key_value_heads") or heads,
-        head_dim=config["hidden_size"] // heads,
-        max_position_embeddings=config.get("max_position_embeddings", 32768),
-        rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+        num_key_value_heads=keys.take("num_key_value_heads", None) or heads,
+        head_dim=keys.take("hidden_size") // heads,
+        hidden_act=hidden_act,
+        max_position_embeddings=keys.take("max_position_embeddings", 2048),
+        rms_norm_eps=keys.take("rms_norm_eps", 1e-6),
+        initializer_range=keys.take("initializer_range", 0.02),
         rope_parameters=rope,
         attention_bias=bias,
         mlp_bias=bias,
         tie_word_embeddings=False,
-        pad_token_id=config.get("eos_token_id", 2),
-        bos_token_id=config.get("bos_token_id", 1),
-        eos_token_id=config.get("eos_token_id", 2),
+        pad_token_id=eos,  # the release pads with end-of-text
+        bos_token_id=keys.take("bos_token_id", 1),
+        eos_token_id=eos,
     )
+    keys.fixed("tie_word_embeddings", False, "the released LM head (output.weight) is its own matrix")
+    # use_cache only decides whether generate() keeps a KV cache; the release's
+    # attn_implementation choice and pad_token_id (the release pads with eos) do not change numbers.
+    keys.ignore("use_cache", "attn_implementation", "pad_token_id")
+    return text, keys.finish()
 
 
 def vision_config(position_rows: int, shapes: dict[str, tuple[int, ...]]) -> CLIPVisionConfig:
@@ -103,8 +125,10 @@ def plan(src: Path, config: dict, shapes: dict[str, tuple[int, ...]]) -> dict:
     rank = lora_a[0]
     vision = vision_config(shapes["vit.vision_tower.vision_model.embeddings.position_embedding.weight"][0], shapes)
     grid = vision.image_size // vision.patch_size
+    text, ignored = text_config(config, embedding_rows, shapes["output.weight"][0])
     return {
-        "text_config": text_config(config, embedding_rows),
+        "text_config": text,
+        "ignored_config_keys": ignored,
         "vision_config": vision,
         "plora": {"r": rank, "alpha": float(rank)},  # the release scales by alpha/r = 256/256
         "projector": "mlp2x_gelu",
