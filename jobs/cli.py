@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.util
+import os
 import re
 import sys
 
@@ -23,12 +24,25 @@ COMMANDS = {
 }
 
 
+def _source(module: str) -> str | None:
+    """A module's file, found without importing it or its packages (trol would pull in torch)."""
+    top, *rest = module.split(".")
+    spec = importlib.util.find_spec(top)
+    if spec is None or spec.origin is None:
+        return None
+    base = os.path.join(os.path.dirname(spec.origin), *rest)
+    for path in (base + ".py", os.path.join(base, "__init__.py")):
+        if os.path.isfile(path):
+            return path
+    return None
+
+
 def describe(module: str) -> str:
     """First sentence of a module's docstring; a leading "usage: what" keeps only "what"."""
-    spec = importlib.util.find_spec(module)
-    if spec is None or spec.origin is None:
+    path = _source(module)
+    if path is None:
         return "(not installed)"
-    with open(spec.origin, encoding="utf-8") as f:
+    with open(path, encoding="utf-8") as f:
         doc = ast.get_docstring(ast.parse(f.read())) or ""
     first = " ".join(doc.strip().split("\n\n")[0].split())
     first = re.split(r"(?<=[.!?])\s", first, maxsplit=1)[0]

@@ -125,6 +125,20 @@ class Tracker:
                     self._uploaded[rel] = (stat.st_size, stat.st_mtime_ns)
 
 
+def _share_s3_settings(storage: Storage) -> None:
+    """MLflow uploads artifacts with its own boto3 client, configured by the environment:
+    give it the endpoint, region and credentials this job resolved (without overriding any
+    the process already has)."""
+    settings = {"MLFLOW_S3_ENDPOINT_URL": storage.endpoint_url, "AWS_DEFAULT_REGION": storage.region}
+    if storage.credentials is not None:
+        settings.update(AWS_ACCESS_KEY_ID=storage.credentials.access_key,
+                        AWS_SECRET_ACCESS_KEY=storage.credentials.secret_key,
+                        AWS_SESSION_TOKEN=storage.credentials.token)
+    for key, value in settings.items():
+        if value and not os.environ.get(key):
+            os.environ[key] = value
+
+
 class _MlflowRun:
     def __init__(self, spec: FinetuneSpec, local_store: str, run_dir: Location, storage: Storage,
                  extra_params: dict[str, Any]):
@@ -136,8 +150,7 @@ class _MlflowRun:
                 if storage.list_files(remote_store):
                     storage.download_folder(remote_store, local_store)
                 artifacts = run_dir.join(MLFLOW_ARTIFACTS_SUBDIR).uri
-                if spec.storage.endpoint_url or storage.endpoint_url:
-                    os.environ.setdefault("MLFLOW_S3_ENDPOINT_URL", spec.storage.endpoint_url or storage.endpoint_url)
+                _share_s3_settings(storage)
             os.makedirs(local_store, exist_ok=True)
             uri = "file://" + os.path.abspath(local_store)
         if uri.startswith("file:") or "://" not in uri:
