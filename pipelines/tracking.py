@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import tempfile
 import time
@@ -114,7 +115,11 @@ class Tracker:
             self._upload()
 
     def _upload(self) -> None:
-        for root, _, files in os.walk(self._scratch.name):
+        for root, dirs, files in os.walk(self._scratch.name):
+            if not dirs and not files:  # MLflow's file store needs a run's (empty) artifacts/
+                keep = os.path.join(root, ".keep")  # folder; object stores keep no empty folders
+                open(keep, "wb").close()
+                files = [".keep"]
             for name in files:
                 path = os.path.join(root, name)
                 stat = os.stat(path)
@@ -137,6 +142,8 @@ def _share_s3_settings(storage: Storage) -> None:
     for key, value in settings.items():
         if value and not os.environ.get(key):
             os.environ[key] = value
+    # Train workers log INFO to the console; botocore would announce where it found them.
+    logging.getLogger("botocore.credentials").setLevel(logging.WARNING)
 
 
 class _MlflowRun:
