@@ -67,7 +67,9 @@ def _start_private_ray(attempts: int = 3) -> None:
         # would then look for our controller there, find nothing, and remove our workers'
         # placement group. Every process of this job asks our own dashboard instead.
         env = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}",
-               "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")}
+               "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0"),
+               # Actors loading a model write to a log, not a terminal: no tqdm bars.
+               "HF_HUB_DISABLE_PROGRESS_BARS": os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "1")}
         try:
             ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
                      logging_level=logging.WARNING, runtime_env={"env_vars": env})
