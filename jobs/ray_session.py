@@ -38,13 +38,20 @@ class RaySession:
         return f"{where} ({self.cpus:g} CPUs{dashboard})"
 
 
+_started_kind: str | None = None  # what this process's ensure_ray started or joined
+
+
 def ensure_ray(address: str | None = None) -> RaySession:
     """Join `address` (or RAY_ADDRESS when set); otherwise start a private local Ray.
     Already initialised (tests, the demo's second stage): keep that Ray."""
     import ray
 
+    global _started_kind
     target = address or os.environ.get("RAY_ADDRESS") or None
-    kind = "running" if ray.is_initialized() else "cluster" if target else "private"
+    if ray.is_initialized():  # the demo's second stage says "private" too, when ours
+        kind = _started_kind or "running"
+    else:
+        kind = _started_kind = "cluster" if target else "private"
     if kind == "cluster":
         # logging_level: the driver's "ray" logger; ray.init's INFO lines are ours to replace.
         ray.init(address=target, logging_level=logging.WARNING)
