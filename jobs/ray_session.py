@@ -48,15 +48,15 @@ def ensure_ray(address: str | None = None) -> RaySession:
 
     global _started_kind
     target = address or os.environ.get("RAY_ADDRESS") or None
-    if ray.is_initialized():  # the demo's second stage says "private" too, when ours
+    if ray.is_initialized():  # the demo's second stage says "private" too, when it was ours
         kind = _started_kind or "running"
-    else:
-        kind = _started_kind = "cluster" if target else "private"
-    if kind == "cluster":
+    elif target:
         # logging_level: the driver's "ray" logger; ray.init's INFO lines are ours to replace.
         ray.init(address=target, logging_level=logging.WARNING)
-    elif kind == "private":
+        kind = _started_kind = "cluster"
+    else:
         _start_private_ray()
+        kind = _started_kind = "private"
     return RaySession(kind=kind, address=ray.get_runtime_context().gcs_address,
                       cpus=ray.cluster_resources().get("CPU", 0.0), dashboard_url=_dashboard_url())
 
