@@ -139,7 +139,7 @@ def score(demo: Demo) -> None:
     scored = [r for r in demo.rows if r["id"] in demo.labels]
     right = sum(parse_digit(r["caption"] or "") == demo.labels[r["id"]] for r in scored)
     print(f"  held-out digits captioned correctly: {right}/{len(scored)} ({right / max(len(scored), 1):.0%})")
-    print("  (trained on digits only, the model calls every photo a digit)")
+    print("  (the model learned digits only: photos get digit-like, or empty, captions)")
 
 
 STAGES: list[tuple[str, Callable[[Demo], None]]] = [
