@@ -78,7 +78,8 @@ def finetune(demo: Demo) -> None:
         print(f"  reusing {demo.model} (delete {demo.out / 'runs'} to train again)")
         return
     out = demo.out
-    argv = [str(FINETUNE_SPEC), "--set", f"data={out / 'digits' / 'train'}", "--set", f"eval_data={out / 'digits' / 'test'}",
+    argv = [str(FINETUNE_SPEC), "--set", f"data={out / 'digits' / 'train'}",
+            "--set", f"eval_data={out / 'digits' / 'test'}",
             "--set", f"output={out / 'runs'}", "--set", f"base_model={out / 'tiny-untrained'}",
             "--set", f"max_steps={demo.steps}", "--set", f"log_every={max(1, demo.steps // STEP_LINES)}",
             "--set", f"checkpoint_every={max(1, demo.steps // 3)}"]
@@ -116,7 +117,8 @@ def caption(demo: Demo) -> None:
     for stale in captions.glob("**/*"):  # the demo captions afresh each time
         if stale.is_file():
             stale.unlink()
-    argv = [str(EXAMPLES / "caption_local.yaml"), "--set", f"input={demo.out / 'inputs'}", "--set", f"output={captions}",
+    argv = [str(EXAMPLES / "caption_local.yaml"), "--set", f"input={demo.out / 'inputs'}",
+            "--set", f"output={captions}",
             "--set", f"model={demo.model}", "--set", "batch_size=32", "--progress-every", "600"]
     if demo.address:
         argv += ["--address", demo.address]
@@ -166,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     from jobs.job_args import add_ray_arguments, summary
 
     parser = argparse.ArgumentParser(prog="trol demo", description=summary(__doc__))
-    parser.add_argument("--output", default="demo_out", help="folder for everything the demo makes (default %(default)s)")
+    parser.add_argument("--output", default="demo_out",
+                        help="folder for everything the demo makes (default %(default)s)")
     parser.add_argument("--max-steps", type=int, default=DEFAULT_STEPS, help="fine-tuning steps (default %(default)s)")
     parser.add_argument("--digits", type=int, default=60, help="held-out digits to caption (default %(default)s)")
     add_ray_arguments(parser)

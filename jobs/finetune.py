@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(format_finetune_summary(summary), flush=True)
     run_dir = parse_uri(spec.output).join(spec.name).uri
-    tracked = [name for name, on in (("mlruns/", spec.tracking.mlflow is not None and not spec.tracking.mlflow.tracking_uri),
+    mlflow = spec.tracking.mlflow
+    tracked = [name for name, on in (("mlruns/", mlflow is not None and not mlflow.tracking_uri),
                                      ("tensorboard/", spec.tracking.tensorboard)) if on]
     print(f"finetune: done; outputs in {run_dir} (model/, checkpoint_*/, loss_curve.png, training_summary.json"
           + "".join(f", {t}" for t in tracked) + ")", flush=True)
