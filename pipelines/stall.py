@@ -34,9 +34,10 @@ def _resources(bundle: dict[str, float]) -> str:
 def pending_demands() -> str:
     """Ray's view: what waits for resources, and what is free (from the GCS; no dashboard)."""
     import ray
-    from ray.autoscaler.v2.sdk import get_cluster_status
 
     try:
+        from ray.autoscaler.v2.sdk import get_cluster_status
+
         status = get_cluster_status(ray.get_runtime_context().gcs_address)
     except Exception as exc:  # noqa: BLE001 - the message must not fail the job it describes
         return f"Ray's pending demands are unavailable ({type(exc).__name__}: {exc})"
