@@ -54,7 +54,9 @@ def run_job(model: Path, data: Path, runs: Path, name: str, settings: TrainSetti
     from jobs.finetune import main as finetune_main
 
     spec = {"data": str(data), "output": str(runs), "name": name, "base_model": str(model), "stage": "full",
-            "workers": 1, "cpus_per_worker": 1, "batch_size": settings.batch_size, "lr": settings.lr,
+            # 1 CPU steps; the machine's other CPU prepares data (2 tasks at 0.5, reserved with the worker)
+            "workers": 1, "cpus_per_worker": 1, "data_tasks_per_worker": 2,
+            "batch_size": settings.batch_size, "lr": settings.lr,
             "warmup_steps": settings.warmup_steps, "max_steps": settings.steps, "max_grad_norm": settings.max_grad_norm,
             "checkpoint_every": settings.steps, "seed": settings.seed, "prompt": PROMPT, "dtype": "float32"}
     spec_path = runs.parent / f"{name}.yaml"

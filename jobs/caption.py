@@ -15,6 +15,7 @@ import argparse
 import logging
 import sys
 
+from jobs.job_args import add_ray_arguments
 from jobs.ray_session import ensure_ray
 from pipelines.specs import CaptionSpec, SpecError, load_spec
 
@@ -41,6 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="seconds between progress lines (shards done, rows/s); default %(default)s")
     parser.add_argument("--force", action="store_true",
                         help="take the output even if another run's lease on it has not expired (that run is dead)")
+    add_ray_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  UNUSABLE {uri}: {why}")
         return 0
     if todo_rows:
-        ensure_ray()
+        print(f"caption: running on {ensure_ray(args.address).describe()}", flush=True)
     try:
         with CaptionProgress(plan, interval_s=args.progress_every):
             summary = execute_caption(plan)

@@ -1,17 +1,25 @@
-"""`make demo`: the product on this machine, end to end, with real captions.
+"""Run the product end to end on this machine: fine-tune a tiny TroL on digits, then caption photos and held-out digits.
 
-1. Once (then cached): prepare scikit-learn's digits as Parquet shards, and fine-tune a
-   tiny random TroL on them with Ray Train (2 CPU workers, DDP) — about three minutes.
-2. Build input shards: scikit-image's sample photos and held-out handwritten digits.
-3. Run the caption job (shard readers, predictor actor, on Ray) on them and print the captions.
+`make demo` runs it; each stage prints its title, its own lines and its time:
+1. prepare: scikit-learn's digits as Parquet shards, and a tiny random TroL (first run only).
+2. fine-tune: the tiny TroL on digits with Ray Train, 2 CPU workers, DDP (first run only,
+   about three minutes; later runs reuse the model).
+3. caption: the caption job on scikit-image's sample photos and held-out digits.
+4. score: a table of sample captions and the held-out accuracy.
+Everything runs on one private local Ray, started by the first stage that needs it. A new
+stage is a function taking the `Demo` and a line in STAGES.
 """
 
 from __future__ import annotations
 
+import argparse
 import glob
 import io
 import os
 import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +27,28 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-OUT = Path("demo_out")
-FINETUNE_SPEC = Path(__file__).parent / "examples" / "finetune_digits.yaml"
+EXAMPLES = Path(__file__).parent / "examples"
+FINETUNE_SPEC = EXAMPLES / "finetune_digits.yaml"
 SAMPLES = ["astronaut", "camera", "cat", "coffee", "chelsea", "rocket", "coins", "horse", "page"]
+DEFAULT_STEPS = 600  # the example spec's max_steps
+STEP_LINES = 12  # training lines the demo shows, whatever the step count
+
+
+@dataclass
+class Demo:
+    """What the stages share: where things go, and what earlier stages produced."""
+
+    out: Path
+    steps: int = DEFAULT_STEPS
+    digits: int = 60
+    address: str | None = None
+    labels: dict[str, int] = field(default_factory=dict)  # held-out digit id -> label
+    rows: list[dict] = field(default_factory=list)  # caption output rows
+    outputs: dict[str, Path] = field(default_factory=dict)  # what the user should open
+
+    @property
+    def model(self) -> Path:
+        return self.out / "runs" / "digits" / "model"
 
 
 def _encode(image: Image.Image, fmt: str) -> bytes:
@@ -30,28 +57,41 @@ def _encode(image: Image.Image, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def trained_model() -> Path:
-    """The digits model from the example fine-tuning spec, trained on first use."""
-    model = OUT / "runs" / "digits" / "model"
-    if (model / "config.json").is_file():
-        return model
-    from jobs.finetune import main as finetune
-    from jobs.prepare import main as prepare
+def prepare(demo: Demo) -> None:
+    from jobs.prepare import main as prepare_digits
     from trol.tiny import main as tiny
 
-    if not (OUT / "digits" / "_SUMMARY.json").is_file():
-        prepare(["digits", "--output", str(OUT / "digits"), "--image-size", "32", "--overwrite"])
-    if not (OUT / "tiny-untrained" / "config.json").is_file():
-        tiny([str(OUT / "tiny-untrained")])
-    print("demo: fine-tuning a tiny TroL on digits (first run only, ~3 min)", flush=True)
-    if finetune([str(FINETUNE_SPEC)]) != 0:
+    if (demo.out / "digits" / "_SUMMARY.json").is_file():
+        print(f"  digits already in {demo.out / 'digits'}")
+    elif prepare_digits(["digits", "--output", str(demo.out / "digits"), "--image-size", "32", "--overwrite"]) != 0:
+        raise SystemExit("demo: preparing digits failed")
+    if not (demo.out / "tiny-untrained" / "config.json").is_file():
+        tiny([str(demo.out / "tiny-untrained")])
+    demo.outputs["training data"] = demo.out / "digits"
+
+
+def finetune(demo: Demo) -> None:
+    from jobs.finetune import main as finetune_job
+
+    demo.outputs["fine-tuned model"] = demo.model
+    if (demo.model / "config.json").is_file():
+        print(f"  reusing {demo.model} (delete {demo.out / 'runs'} to train again)")
+        return
+    out = demo.out
+    argv = [str(FINETUNE_SPEC), "--set", f"data={out / 'digits' / 'train'}",
+            "--set", f"eval_data={out / 'digits' / 'test'}",
+            "--set", f"output={out / 'runs'}", "--set", f"base_model={out / 'tiny-untrained'}",
+            "--set", f"max_steps={demo.steps}", "--set", f"log_every={max(1, demo.steps // STEP_LINES)}",
+            "--set", f"checkpoint_every={max(1, demo.steps // 3)}"]
+    if demo.address:
+        argv += ["--address", demo.address]
+    if finetune_job(argv) != 0:
         raise SystemExit("demo: fine-tuning failed")
-    return model
 
 
-def input_shards(folder: Path) -> dict[str, int]:
+def input_shards(demo: Demo, folder: Path) -> None:
     """Shard 0: scikit-image's photos (colour, grayscale, JPEG and PNG). Shard 1: held-out
-    digits; returns their labels by id, to score the captions."""
+    digits, whose labels score the captions."""
     from skimage import data
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -60,39 +100,83 @@ def input_shards(folder: Path) -> dict[str, int]:
         arr = getattr(data, name)()
         image = Image.fromarray(arr.astype(np.uint8) * 255 if arr.dtype == bool else arr)
         photos.append({"id": name, "image": _encode(image, "JPEG" if i % 2 else "PNG")})
-    test = pq.read_table(sorted(glob.glob(str(OUT / "digits" / "test" / "*.parquet")))).slice(0, 60).to_pylist()
+    test_shards = sorted(glob.glob(str(demo.out / "digits" / "test" / "*.parquet")))
+    test = pq.read_table(test_shards).slice(0, demo.digits).to_pylist()
     digits = [{"id": f"digit-{i:03d}", "image": row["image"]} for i, row in enumerate(test)]
     schema = pa.schema([("id", pa.string()), ("image", pa.binary())])
     for k, rows in enumerate([photos, digits]):
         pq.write_table(pa.Table.from_pylist(rows, schema=schema), folder / f"part-{k:05d}.parquet")
-    return {f"digit-{i:03d}": row["label"] for i, row in enumerate(test)}
+    demo.labels = {f"digit-{i:03d}": row["label"] for i, row in enumerate(test)}
 
 
-def main() -> int:
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    from jobs.caption import main as caption
-    from pipelines.prepare_digits import parse_digit
+def caption(demo: Demo) -> None:
+    from jobs.caption import main as caption_job
 
-    model = trained_model()
-    labels = input_shards(OUT / "inputs")
-    captions = OUT / "captions"
+    input_shards(demo, demo.out / "inputs")
+    captions = demo.out / "captions"
     for stale in captions.glob("**/*"):  # the demo captions afresh each time
         if stale.is_file():
             stale.unlink()
-    status = caption([str(Path(__file__).parent / "examples" / "caption_local.yaml"),
-                      "--set", f"input={OUT / 'inputs'}", "--set", f"output={captions}",
-                      "--set", f"model={model}", "--set", "batch_size=32"])
+    argv = [str(EXAMPLES / "caption_local.yaml"), "--set", f"input={demo.out / 'inputs'}",
+            "--set", f"output={captions}",
+            "--set", f"model={demo.model}", "--set", "batch_size=32", "--progress-every", "600"]
+    if demo.address:
+        argv += ["--address", demo.address]
+    status = caption_job(argv)
     if status != 0:
-        return status
-    rows = pq.read_table(sorted(glob.glob(str(captions / "*.parquet")))).to_pylist()
-    print("\ncaptions:")
-    for row in rows[: len(SAMPLES) + 12]:
-        text = repr(row["caption"]) if row["error"] is None else f"error: {row['error']}"
-        print(f"  {row['id']:>12}: {text}")
-    scored = [r for r in rows if r["id"] in labels]
-    right = sum(parse_digit(r["caption"] or "") == labels[r["id"]] for r in scored)
-    print(f"\nheld-out digits captioned correctly: {right}/{len(scored)} ({right / max(len(scored), 1):.0%})")
-    print("(the model was trained on digits only, so it calls every photo a digit)")
+        raise SystemExit(status)
+    demo.rows = pq.read_table(sorted(glob.glob(str(captions / "*.parquet")))).to_pylist()
+    demo.outputs["captions"] = captions
+
+
+def score(demo: Demo) -> None:
+    from pipelines.prepare_digits import parse_digit
+
+    shown = [r for r in demo.rows if r["id"] in SAMPLES] + [r for r in demo.rows if r["id"] in demo.labels][:8]
+    width = max(len(r["id"]) for r in shown)
+    print(f"  {'image':<{width}}  caption")
+    for row in shown:
+        text = row["caption"] if row["error"] is None else f"(error: {row['error']})"
+        print(f"  {row['id']:<{width}}  {text}")
+    scored = [r for r in demo.rows if r["id"] in demo.labels]
+    right = sum(parse_digit(r["caption"] or "") == demo.labels[r["id"]] for r in scored)
+    print(f"  held-out digits captioned correctly: {right}/{len(scored)} ({right / max(len(scored), 1):.0%})")
+    print("  (the model learned digits only: photos get digit-like, or empty, captions)")
+
+
+STAGES: list[tuple[str, Callable[[Demo], None]]] = [
+    ("prepare digits and a tiny untrained TroL", prepare),
+    ("fine-tune it on digits (Ray Train, 2 CPU workers)", finetune),
+    ("caption sample photos and held-out digits (Ray)", caption),
+    ("score the captions", score),
+]
+
+
+def run(demo: Demo, stages: list[tuple[str, Callable[[Demo], None]]] = STAGES) -> None:
+    started = time.perf_counter()
+    for i, (title, stage) in enumerate(stages, 1):
+        print(f"\n[{i}/{len(stages)}] {title}", flush=True)
+        t = time.perf_counter()
+        stage(demo)
+        print(f"[{i}/{len(stages)}] done in {time.perf_counter() - t:.1f} s", flush=True)
+    print(f"\ndemo: finished in {time.perf_counter() - started:.0f} s; outputs:")
+    for what, where in demo.outputs.items():
+        print(f"  {what:<16} {where}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from jobs.job_args import add_ray_arguments, summary
+
+    parser = argparse.ArgumentParser(prog="trol demo", description=summary(__doc__))
+    parser.add_argument("--output", default="demo_out",
+                        help="folder for everything the demo makes (default %(default)s)")
+    parser.add_argument("--max-steps", type=int, default=DEFAULT_STEPS, help="fine-tuning steps (default %(default)s)")
+    parser.add_argument("--digits", type=int, default=60, help="held-out digits to caption (default %(default)s)")
+    add_ray_arguments(parser)
+    args = parser.parse_args(argv)
+    # A log, not a terminal: no progress bars for 150k-parameter saves and loads.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    run(Demo(Path(args.output), steps=args.max_steps, digits=args.digits, address=args.address))
     return 0
 
 

@@ -1,6 +1,6 @@
-"""Fine-tune a TroL model with Ray Train.
+"""Fine-tune a TroL model with Ray Train (DDP or FSDP, CPU or GPU workers).
 
-    python -m jobs.finetune SPEC.yaml [--set key=value ...]
+    python -m jobs.finetune SPEC.yaml [--set key=value ...] [--address ADDR] [--stall-after SECONDS]
     ray job submit --working-dir . -- python -m jobs.finetune SPEC.yaml
 
 Rerunning the same spec (same output + name) resumes from its last checkpoint.
@@ -9,19 +9,16 @@ Exit status: 0 trained, 1 training failed, 2 bad spec.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 
+from jobs.job_args import spec_job_parser
 from jobs.ray_session import ensure_ray
 from pipelines.specs import FinetuneSpec, SpecError, load_spec
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.finetune", description=__doc__.split("\n\n")[0])
-    parser.add_argument("spec", help="YAML fine-tuning spec (see jobs/examples/finetune_digits.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a spec field, e.g. --set max_steps=200 --set lora.r=8")
+    parser = spec_job_parser("finetune", __doc__, "jobs/examples/finetune_digits.yaml")
     args = parser.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -30,15 +27,18 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         spec = load_spec(FinetuneSpec, args.spec, args.overrides)
-        ensure_ray()
-        summary = run_finetune(spec)
+        print(f"finetune: running on {ensure_ray(args.address).describe()}", flush=True)
+        summary = run_finetune(spec, stall_after_s=args.stall_after)
     except SpecError as exc:
         print(f"finetune: spec error: {exc}", file=sys.stderr)
         return 2
     print(format_finetune_summary(summary), flush=True)
     run_dir = parse_uri(spec.output).join(spec.name).uri
-    print(f"finetune: done; outputs in {run_dir} (model/, checkpoint_*/, loss_curve.png, training_summary.json)",
-          flush=True)
+    mlflow = spec.tracking.mlflow
+    tracked = [name for name, on in (("mlruns/", mlflow is not None and not mlflow.tracking_uri),
+                                     ("tensorboard/", spec.tracking.tensorboard)) if on]
+    print(f"finetune: done; outputs in {run_dir} (model/, checkpoint_*/, loss_curve.png, training_summary.json"
+          + "".join(f", {t}" for t in tracked) + ")", flush=True)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Build fine-tuning Parquet shards: `python -m jobs.prepare ...` or `trol prepare ...`.
+"""Build fine-tuning Parquet shards from scikit-learn's digits or LLaVA-style JSON and images.
 
     python -m jobs.prepare digits --output DIR_OR_S3 [--shard-rows N] [--image-size 64]
                                   [--test-fraction 0.2] [--seed 0] [--resample nearest]
@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 
+from jobs.job_args import summary
 from pipelines.prepare import (
     DEFAULT_DIGITS_SHARD_ROWS,
     DEFAULT_IMAGE_SIZE,
@@ -43,7 +44,7 @@ def _prog() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=_prog(), description="Write Parquet shards for fine-tuning.")
+    parser = argparse.ArgumentParser(prog=_prog(), description=summary(__doc__))
     sub = parser.add_subparsers(dest="dataset", required=True, metavar="{digits,llava}")
 
     digits = sub.add_parser("digits", help="scikit-learn's bundled digits -> train/ and test/ shards")

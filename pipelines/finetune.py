@@ -3,11 +3,17 @@
 The worker loop is pipelines/train_loop.py; it stays short because its parts live in their
 own modules (data: train_plan/train_batches; model and parallelism: train_parallel; the
 step: train_step; checkpoints: train_checkpointer; metrics: train_metrics; export:
-train_export). Driver-side rules (multi-node paths, what a resume may change): train_runs.
+train_export; MLflow and TensorBoard: tracking). Driver-side rules (multi-node paths, what
+a resume may change): train_runs. A run that stops progressing says what it waits for: stall.
+
+Each worker's placement-group bundle holds its own CPUs and those of its Ray Data tasks
+(cpus_per_worker + data_tasks_per_worker x data_cpus_per_task), reserved together, so
+nothing else on the cluster can take the CPUs the workers' data needs.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -16,9 +22,22 @@ from .specs import FinetuneSpec, SpecError
 
 from .predictor import resolve_model_ref
 from .shards import find_shards
+from .stall import BoardReader, StageBoard, StallWatch
 from .storage import Location, Storage, StorageError, parse_uri
+from .tracking import check_tracking_installed
 from .train_plan import RowIndex, micro_batches_per_worker
 from .train_runs import check_nodes, check_resumable, cluster_node_count
+
+# Ray Train's INFO lines (worker group started, each report's metrics) are for debugging
+# Ray Train itself; the run's own lines say what happens. Its warnings and errors still show.
+RAY_TRAIN_LOG_LEVEL = "WARNING"
+# The workers' environment (a user's own setting in the driver's environment wins):
+# - Ray Data logs each pipeline's start, plan and end at INFO, one set per worker per epoch
+#   and evaluation; its warnings and errors still show.
+# - Ray Train 2.60 patches print() in workers to log the line *and* write it to the
+#   forwarded stdout, so every print reached the console twice.
+WORKER_ENV_DEFAULTS = {"RAY_DATA_LOG_LEVEL": "WARNING", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+DEFAULT_STALL_AFTER_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -84,16 +103,26 @@ def _record_spec(spec: FinetuneSpec, storage: Storage, run_dir: Location) -> Non
         raise SpecError("output", str(exc)) from None
 
 
-def run_finetune(spec: FinetuneSpec, hooks: list | None = None) -> dict[str, Any]:
+def worker_resources(spec: FinetuneSpec) -> dict[str, float]:
+    """One worker's placement-group bundle: its own CPUs plus its data tasks' (and its GPU)."""
+    cpus = spec.cpus_per_worker + spec.data_tasks_per_worker * spec.data_cpus_per_task
+    return {"CPU": cpus, **({"GPU": 1} if spec.gpus_per_worker else {})}
+
+
+def run_finetune(spec: FinetuneSpec, hooks: list | None = None,
+                 stall_after_s: float = DEFAULT_STALL_AFTER_S) -> dict[str, Any]:
     """Validate (before any model loads), then train; returns the run's summary.
 
     `hooks` run on every worker after each step with a train_loop.StepInfo (tests record
-    rows or inject faults through them)."""
+    rows or inject faults through them). After `stall_after_s` seconds without a step, the
+    driver logs what the run waits for (each worker's stage, Ray's pending demands)."""
+    import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from .train_loop import train_loop
 
+    check_tracking_installed(spec.tracking)
     try:
         storage = Storage.from_environment(spec.storage.endpoint_url, spec.storage.region)
         ref = resolve_model_ref(spec.base_model, storage)
@@ -106,6 +135,7 @@ def run_finetune(spec: FinetuneSpec, hooks: list | None = None) -> dict[str, Any
     _record_spec(spec, storage, run_dir)
     total_steps = plan_steps(spec, train.rows)
     out_fs = storage.filesystem(run_dir)
+    board = ray.remote(num_cpus=0)(StageBoard).remote()
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
@@ -119,11 +149,12 @@ def run_finetune(spec: FinetuneSpec, hooks: list | None = None) -> dict[str, Any
             "eval_index": evaluation.index if evaluation else None,
             "eval_columns": evaluation.columns if evaluation else None,
             "hooks": list(hooks or []),
+            "stage_board": board,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=spec.workers,
             use_gpu=spec.gpus_per_worker > 0,
-            resources_per_worker={"CPU": spec.cpus_per_worker, **({"GPU": 1} if spec.gpus_per_worker else {})},
+            resources_per_worker=worker_resources(spec),
         ),
         run_config=ray.train.RunConfig(
             name=spec.name,
@@ -131,10 +162,19 @@ def run_finetune(spec: FinetuneSpec, hooks: list | None = None) -> dict[str, Any
             storage_filesystem=out_fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=spec.max_failures),
+            logging_config=ray.train.LoggingConfig(log_level=RAY_TRAIN_LOG_LEVEL),
+            worker_runtime_env={"env_vars": {k: os.environ.get(k, v) for k, v in WORKER_ENV_DEFAULTS.items()}},
         ),
     )
     started = time.perf_counter()
-    result = trainer.fit()
+    reader = BoardReader(board)
+    watch = StallWatch(f"finetune {spec.name}", stall_after_s, counter=reader.count,
+                       stages=lambda: reader.stages() or {"workers": "not started (Ray Train places the worker group)"})
+    try:
+        with watch:
+            result = trainer.fit()
+    finally:
+        ray.kill(board)
     if result.error:
         raise result.error
     # The summary comes back through Ray (rank 0's last report): no shared disk needed.

@@ -159,6 +159,26 @@ class LoraSpec(_Spec):
     target_modules: list[str] | None = Field(None, description="None: the LLM family's attention + MLP projections")
 
 
+class MlflowSpec(_Spec):
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking server or store URI; None: a file store in output/name/mlruns")
+    experiment: str = Field("trol-ray", description="MLflow experiment the run is logged under")
+
+
+class TrackingSpec(_Spec):
+    """Where training metrics go besides the log (rank 0 only). `mlflow: true` is `mlflow: {}`."""
+
+    mlflow: MlflowSpec | None = Field(None, description="None: no MLflow run")
+    tensorboard: bool = Field(False, description="TensorBoard event files in output/name/tensorboard/")
+
+    @field_validator("mlflow", mode="before")
+    @classmethod
+    def _switch(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            return {} if v else None
+        return v
+
+
 class FinetuneSpec(_Spec):
     """Fine-tune a TroL model with Ray Train (TorchTrainer)."""
 
@@ -205,8 +225,12 @@ class FinetuneSpec(_Spec):
     # --- cluster-scale data and multi-node (issue 9) ---
     shuffle_window: int = Field(1024, ge=1, description="rows shuffled together after row groups are shuffled; 1: no local shuffle")
     data_cpus_per_task: float = Field(0.5, gt=0.0, description="CPU per Ray Data task that decodes and tokenises")
+    data_tasks_per_worker: int = Field(
+        1, ge=1, le=64, description="Ray Data tasks preparing micro-batches at once for each worker; their CPUs "
+        "(x data_cpus_per_task) are reserved in the worker's placement-group bundle, so nothing else takes them")
     shared_paths: list[str] = Field(default_factory=list, description="local folders every node mounts (NFS, …); "
                                     "with several nodes, local output/data/base_model must lie under one")
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
 
     @field_validator("quantize")
     @classmethod

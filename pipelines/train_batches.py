@@ -114,8 +114,15 @@ def prepare_micro_batch(refs: pa.Table, recipe: BatchRecipe) -> pa.Table:
     })
 
 
-def plan_dataset(plan: np.ndarray, recipe: BatchRecipe, *, rows_per_block: int = 256, cpus_per_task: float = 0.5):
-    """A Ray Dataset of prepared micro-batches in plan order (None for an empty plan)."""
+def plan_dataset(plan: np.ndarray, recipe: BatchRecipe, *, rows_per_block: int = 256, tasks: int = 1):
+    """A Ray Dataset of prepared micro-batches in plan order (None for an empty plan).
+
+    The CPUs its tasks use are reserved with the training worker, in the worker's
+    placement-group bundle (finetune: cpus_per_worker + data_tasks_per_worker x
+    data_cpus_per_task), so the tasks claim none themselves: at most `tasks` run at once,
+    on this process's node. Tasks that claimed CPUs of their own would queue behind
+    whatever else holds the cluster's free CPUs, and training would wait with them."""
+    import ray
     import ray.data
 
     if plan.size == 0:
@@ -125,13 +132,17 @@ def plan_dataset(plan: np.ndarray, recipe: BatchRecipe, *, rows_per_block: int =
     flat = plan.reshape(-1)
     step = max(1, rows_per_block // batch_size) * batch_size  # blocks hold whole micro-batches
     tables = [pa.table({"micro": micro[i:i + step], "row": flat[i:i + step]}) for i in range(0, len(flat), step)]
-    ds = ray.data.from_arrow(tables)
+    ds = ray.data.from_blocks(tables)  # built here: from_arrow would run 1-CPU metadata tasks
     # This dataset's own context (a copy): the plan's order must survive the streaming
-    # executor; one progress bar per worker per epoch would only flood the log.
+    # executor. No tqdm bars (one per worker per epoch would flood the log): progress goes
+    # to Ray Data's logger at INFO, which a finetune job's workers keep at WARNING. (Turning
+    # the bars off instead makes Ray Data warn about that in every process.)
     ds.context.execution_options.preserve_order = True
-    ds.context.enable_progress_bars = False
+    ds.context.use_ray_tqdm = False
+    here = {ray._raylet.RAY_NODE_ID_KEY: ray.get_runtime_context().get_node_id()}  # as Ray Data pins its coordinator
     return ds.map_batches(prepare_micro_batch, batch_size=batch_size, batch_format="pyarrow",
-                          fn_kwargs={"recipe": recipe}, num_cpus=cpus_per_task)
+                          fn_kwargs={"recipe": recipe}, compute=ray.data.TaskPoolStrategy(size=tasks),
+                          num_cpus=0, label_selector=here)
 
 
 def _stack(column: pa.ChunkedArray, rows: int) -> np.ndarray:
@@ -198,10 +209,10 @@ class TimedBatches:
     `startup_seconds` the wait for the first batch, while the pipeline starts."""
 
     def __init__(self, plan: np.ndarray, recipe: BatchRecipe, device: Any, *, prefetch: int = 8,
-                 cpus_per_task: float = 0.5, own_executor: bool = True):
+                 tasks: int = 1, own_executor: bool = True):
         self.wait_seconds = self.startup_seconds = 0.0
         self._started, self._expected = False, 0
-        ds = plan_dataset(plan, recipe, cpus_per_task=cpus_per_task)
+        ds = plan_dataset(plan, recipe, tasks=tasks)
         # A one-way split runs the streaming executor in its own Ray actor, not in this
         # training process, where its scheduling loop would compete with the step for the GIL.
         # Short pipelines (evaluation) skip it: starting that actor costs more than it saves.

@@ -210,7 +210,10 @@ def test_specs_fit_the_node_groups_they_are_sized_for():
     assert finetune.gpus_per_worker == 1 and finetune.workers % node["GPU"] == 0  # whole nodes
     assert finetune.workers <= launcher["train_8gpu"]["max_workers"] * node["GPU"]
     assert finetune.workers <= groups["train-8gpu"]["maxReplicas"] * 8
-    assert finetune.cpus_per_worker * node["GPU"] <= node["CPU"]
+    from pipelines.finetune import worker_resources
+
+    # Each worker's bundle holds its data tasks' CPUs too: 8 bundles must fit one node.
+    assert worker_resources(finetune)["CPU"] * node["GPU"] <= node["CPU"]
 
 
 def test_runtime_env_file_is_valid_and_keeps_the_venv_out_of_uploads():

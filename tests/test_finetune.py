@@ -117,8 +117,9 @@ def test_keep_adapter_export_loads_like_the_merged_one(tmp_path):
     torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-5)
 
 
-def test_checkpoints_and_model_on_s3(tmp_path, digits, tiny_model, s3_env, make_bucket):
+def test_checkpoints_model_and_tracking_on_s3(tmp_path, digits, tiny_model, s3_env, make_bucket, monkeypatch):
     from pipelines.storage import Storage
+    from pipelines.storage import parse_uri as storage_location
     from pipelines.predictor import materialize_model, resolve_model_ref
 
     bucket = make_bucket("ft")
@@ -130,7 +131,7 @@ def test_checkpoints_and_model_on_s3(tmp_path, digits, tiny_model, s3_env, make_
     summary = run_finetune(spec_for(
         tmp_path, digits, tiny_model, data=f"s3://{bucket}/data/train", base_model=f"s3://{bucket}/models/tiny",
         output=f"s3://{bucket}/runs", storage={"endpoint_url": s3_env.endpoint_url}, keep_checkpoints=1,
-        model_cache_dir=str(tmp_path / "cache")))
+        model_cache_dir=str(tmp_path / "cache"), tracking={"mlflow": True, "tensorboard": True}))
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="runs/run/")["Contents"]]
     checkpoints = {k.split("/")[2] for k in keys if k.count("/") > 2 and k.split("/")[2].startswith("checkpoint_")}
     assert len(checkpoints) == 1, "keep_checkpoints=1 keeps only the newest"
@@ -142,6 +143,19 @@ def test_checkpoints_and_model_on_s3(tmp_path, digits, tiny_model, s3_env, make_
     from trol import TroLForConditionalGeneration
 
     assert TroLForConditionalGeneration.from_pretrained(local).config.model_type == "trol"
+
+    # Tracking on s3: written locally by rank 0, uploaded beside the checkpoints.
+    assert any(k.startswith("runs/run/tensorboard/events.out.tfevents.") for k in keys)
+    storage.download_folder(storage_location(f"s3://{bucket}/runs/run/mlruns"), str(tmp_path / "mlruns"))
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", s3_env.endpoint_url)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"file://{tmp_path / 'mlruns'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("trol-ray").experiment_id])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]
+    assert run.info.artifact_uri.startswith(f"s3://{bucket}/runs/run/mlflow-artifacts/")
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"loss_curve.png", "training_summary.json"}
 
 
 @pytest.mark.slow
