@@ -14,7 +14,7 @@ from typing import Any
 
 from .specs import FinetuneSpec, SpecError
 
-from .predictor import resolve_model_ref
+from .models import resolve_model_ref
 from .shards import find_shards
 from .storage import Location, Storage, StorageError, parse_uri
 from .train_plan import RowIndex, micro_batches_per_worker
