@@ -69,6 +69,8 @@ def test_local_to_local_then_rerun_skips(tiny_model: Path, write_shards, tmp_pat
     assert (summary["rows_in"], summary["rows_out"], summary["errors"], summary["shards_committed"]) == (8, 8, 0, 3)
     assert summary["images_per_s"] > 0 and summary["tokens_per_s"] > 0 and summary["wall_seconds"] > 0
     assert summary["spec"]["model"] == str(tiny_model) and sum(summary["rows_per_actor"].values()) == 8
+    stages = summary["ray_data_operators"]  # Ray Data's own per-stage figures, beside the job's
+    assert stages["MapBatches(read_shards)"]["rows_out"] == stages["MapBatches(CaptionPredictor)"]["rows_out"] == 8
 
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*.parquet")}
     again = run_caption(build_spec(CaptionSpec, spec))

@@ -159,13 +159,22 @@ class ShardCollector:
 
 
 def _operator_figures(ds: Any) -> dict[str, Any]:
-    """Ray Data's own per-operator wall and CPU seconds (best effort: its stats API moves)."""
+    """Ray Data's own figures per stage: wall seconds, CPU seconds of its tasks, rows out
+    (best effort: a report, never a reason for the job to fail)."""
+    figures: dict[str, Any] = {}
     try:
-        summary = ds._get_stats_summary()
-        return {op.operator_name: {"wall_s": round(float(op.time_total_s), 3)}
-                for op in summary.operators_stats if hasattr(op, "time_total_s")}
-    except Exception:  # noqa: BLE001 - a report, not the job
+        pending = [ds.get_stats_summary()]
+        while pending:
+            summary = pending.pop()
+            pending += list(summary.parents)
+            for op in summary.operators_stats:
+                figures[op.operator_name] = {
+                    "wall_s": round(float(op.time_total_s), 3),
+                    "cpu_s": round(float(op.cpu_time.sum), 3) if op.cpu_time else None,
+                    "rows_out": int(op.output_num_rows.sum) if op.output_num_rows else None}
+    except Exception:  # noqa: BLE001
         return {}
+    return figures
 
 
 def _run_pipeline(plan: CaptionPlan, work: list[Shard], keeper: LeaseKeeper, committer: Committer,
