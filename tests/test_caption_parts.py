@@ -324,7 +324,7 @@ def test_predictor_splits_on_memory_isolates_bad_rows_and_gives_up_on_persistent
                       **pack_arrays([a if e is None else None for a, e in zip(arrays, errors)])})
     cap = FlakyCaptioner(fits=2)
     out = predictor_with(cap)(batch)
-    assert out.column_names == ["__row", "q", "caption", "error", "num_tokens", "__fatal", "__actor"]
+    assert out.column_names == ["__row", "q", "caption", "error", "num_tokens", "__fatal", "__actor", "__done_at"]
     assert out.column("caption").to_pylist() == ["p:c1", "p:c2", None, None, "p:c5"]
     assert "cannot be captioned" in out.column("error")[2].as_py() and out.column("error")[3].as_py() == "image is null"
     assert cap.calls[0] == 4 and max(cap.calls[1:]) <= 2  # the 4 good-looking rows, then halves

@@ -29,7 +29,7 @@ from .assembly import ROW, AssemblyError, ShardAssembly
 from .commit import Committer
 from .lease import LeaseKeeper
 from .plan import CaptionPlan, Shard, plan_caption
-from .predictor import ACTOR, FATAL
+from .predictor import ACTOR, DONE_AT, FATAL
 from .read import SHARD, read_shards
 from .stages import CaptionProcessorConfig, add_predictor, predictor_stage_args
 from .summary import RunOutcome, summarize
@@ -83,6 +83,7 @@ class ShardCollector:
         self.current: int | None = None
         self.assembly: ShardAssembly | None = None
         self.late_rows = 0
+        self.first_rows = 0  # rows of the batch captioned first
 
     def take(self, block: pa.Table) -> None:
         if block.num_rows == 0:
@@ -117,13 +118,21 @@ class ShardCollector:
             self.committer.submit(self.work[k], table)
 
     def _count(self, part: pa.Table) -> None:
+        """Rows per actor, and when batches were captioned: the actors' clocks, not when
+        results reach the driver (ordered delivery releases them in bursts)."""
         out = self.outcome
-        if out.first_out is None:
-            out.first_out = time.time()
-        else:
-            out.rows_after_first += part.num_rows
         for item in pc.value_counts(part.column(ACTOR)).to_pylist():
             out.per_actor[item["values"]] += item["counts"]
+        done = part.column(DONE_AT).to_numpy()
+        first, last = float(done.min()), float(done.max())
+        if out.first_out is None or first < out.first_out:
+            if out.first_out is not None:
+                out.rows_after_first += self.first_rows
+            out.first_out, self.first_rows = first, int((done == first).sum())
+            out.rows_after_first += part.num_rows - self.first_rows
+        else:
+            out.rows_after_first += part.num_rows
+        out.last_out = max(out.last_out or last, last)
 
     def _incomplete(self, j: int) -> str:
         shard = self.work[j]

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 FATAL = "__fatal"  # job only: why this row's shard must fail (its rows are not captioned)
 ACTOR = "__actor"  # job only: which predictor actor captioned the row (the summary's rows_per_actor)
+DONE_AT = "__done_at"  # job only: when its batch was captioned (the summary's start-up and steady rate)
 
 _BROKEN_DEVICE = ("CUDA error", "device-side assert", "illegal memory access", "CUBLAS_STATUS", "cuDNN error",
                   "CUDNN_STATUS", "NCCL error", "uncorrectable ECC", "unspecified launch failure", "HIP error")
@@ -236,6 +237,7 @@ class CaptionPredictor:
             out = out.append_column(FATAL, pa.array(fatal, type=pa.string())) if FATAL not in out.column_names \
                 else _merge_fatal(out, fatal)
             out = out.append_column(ACTOR, pa.array([self.actor] * n, type=pa.string()))
+            out = out.append_column(DONE_AT, pa.array(np.full(n, time.time()), type=pa.float64()))
         return out
 
     def _give_up(self, rows: list[int], why: str, errors: list[str | None], fatal: list[str | None]) -> None:

@@ -22,7 +22,8 @@ class RunOutcome:
     committed: list[dict[str, Any]] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     per_actor: Counter = field(default_factory=Counter)
-    first_out: float | None = None
+    first_out: float | None = None  # when the first batch was captioned
+    last_out: float | None = None  # ... and the last
     rows_after_first: int = 0
     aborted: BaseException | None = None
     operators: dict[str, Any] = field(default_factory=dict)  # Ray Data's per-operator figures
@@ -34,7 +35,8 @@ def summarize(plan: CaptionPlan, outcome: RunOutcome, t_start: float, t_end: flo
     tokens = sum(c["num_tokens"] for c in committed)
     seconds = max(t_end - t_start, 1e-9)
     first_out = outcome.first_out
-    steady = (t_end - first_out) if first_out and t_end > first_out else None
+    last_out = outcome.last_out or t_end
+    steady = (last_out - first_out) if first_out and last_out > first_out else None
     aborted = outcome.aborted
     status = "aborted" if aborted is not None else ("partial" if failed else "complete")
     summary = {
