@@ -14,10 +14,12 @@ declare -A COMMAND=(
     [traversal_cost]="-m bench.traversal_cost --size small"
     [cpu_efficiency]="-m bench.cpu_efficiency --size small"
     [caption_pipeline]="-m bench.caption_pipeline --size small"
+    [caption_pipeline_1008]="-m bench.caption_pipeline --size small --images 1008 --repeats 1"
+    [caption_faults]="-m bench.caption_faults --size small --scenario all"
     [train_step]="-m bench.train_step --size tiny --steps 300"
     [digits_ablation]="-m bench.digits_ablation --size small"
 )
-ORDER=(traversal_cost cpu_efficiency caption_pipeline train_step digits_ablation)
+ORDER=(traversal_cost cpu_efficiency caption_pipeline caption_pipeline_1008 caption_faults train_step digits_ablation)
 
 wait_for_quiet() {
     local waited=0

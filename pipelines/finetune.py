@@ -20,7 +20,7 @@ from typing import Any
 
 from .specs import FinetuneSpec, SpecError
 
-from .predictor import resolve_model_ref
+from .models import resolve_model_ref
 from .shards import find_shards
 from .stall import BoardReader, StageBoard, StallWatch
 from .storage import Location, Storage, StorageError, parse_uri

@@ -69,6 +69,8 @@ def test_local_to_local_then_rerun_skips(tiny_model: Path, write_shards, tmp_pat
     assert (summary["rows_in"], summary["rows_out"], summary["errors"], summary["shards_committed"]) == (8, 8, 0, 3)
     assert summary["images_per_s"] > 0 and summary["tokens_per_s"] > 0 and summary["wall_seconds"] > 0
     assert summary["spec"]["model"] == str(tiny_model) and sum(summary["rows_per_actor"].values()) == 8
+    stages = summary["ray_data_operators"]  # Ray Data's own per-stage figures, beside the job's
+    assert stages["MapBatches(read_shards)"]["rows_out"] == stages["MapBatches(CaptionPredictor)"]["rows_out"] == 8
 
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*.parquet")}
     again = run_caption(build_spec(CaptionSpec, spec))
@@ -90,7 +92,7 @@ def test_s3_to_s3_two_actors_model_from_s3(tiny_model: Path, s3_env, make_bucket
     before = predictor_actors()
     summary = caption(input=f"s3://{bucket}/data/in/", output=f"s3://{bucket}/data/out", model=model,
                       model_cache_dir=str(cache), storage={"endpoint_url": s3_env.endpoint_url},
-                      actors=2, cpus_per_actor=0.5, batch_size=2)
+                      concurrency=2, cpus_per_actor=0.5, batch_size=2)
     assert (summary["rows_out"], summary["shards_committed"], summary["shards_failed"]) == (24, 4, 0)
     # A pool of two ran. How rows spread over them is Ray's call: with a model this fast the
     # first actor to come up may take most batches, so only the total is exact.

@@ -120,7 +120,7 @@ def test_keep_adapter_export_loads_like_the_merged_one(tmp_path):
 def test_checkpoints_model_and_tracking_on_s3(tmp_path, digits, tiny_model, s3_env, make_bucket, monkeypatch):
     from pipelines.storage import Storage
     from pipelines.storage import parse_uri as storage_location
-    from pipelines.predictor import materialize_model, resolve_model_ref
+    from pipelines.models import materialize_model, resolve_model_ref
 
     bucket = make_bucket("ft")
     client = s3_env.client()
