@@ -121,15 +121,15 @@ def test_ask_builds_questions_from_option_columns_choices_and_bad_rows():
     row = {"index": 7.0, "question": "What is it?", "A": "cat", "B": "dog", "C": float("nan"), "answer": "B",
            "category": "pets", "hint": None}
     [q] = ask(row, bench(), "s#0")
-    assert (q["id"], q["category"], q["answer"], q["error"]) == ("7", "pets", "B", None)
+    assert (q["id"], q["category"], q["answer"], q["problem"]) == ("7", "pets", "B", None)
     assert q["prompt"].splitlines()[1:3] == ["A. cat", "B. dog"]
     circular = ask({**row, "choices": np.array(["x", "y", "z"]), "answer": "z"}, bench(circular=True), "s#0")
     assert [(q["rotation"], q["answer"]) for q in circular] == [(0, "C"), (1, "B"), (2, "A")]
     assert [json.loads(q["options"])[ord(q["answer"]) - 65] for q in circular] == ["z"] * 3
     gap = ask({**row, "C": None, "D": "bird"}, bench(), "s#1")
-    assert gap[0]["error"].startswith("bad row: option column C is empty")
-    assert ask({**row, "answer": "E"}, bench(), "s#2")[0]["error"] is not None
-    assert ask({"question": " ", "answer": "yes"}, bench(kind="yes_no"), "s#3")[0]["error"].endswith("empty")
+    assert gap[0]["problem"].startswith("bad row: option column C is empty")
+    assert ask({**row, "answer": "E"}, bench(), "s#2")[0]["problem"] is not None
+    assert ask({"question": " ", "answer": "yes"}, bench(kind="yes_no"), "s#3")[0]["problem"].endswith("empty")
     [yn] = ask({"question": "Is it red? Please answer yes or no.", "answer": "No", "id": "q"}, bench(kind="yes_no"), "p")
     assert yn["prompt"] == "Is it red? Please answer yes or no." and yn["answer"] == "no"
     [short] = ask({"question": "Colour?", "answer": ["red", "dark red"]}, bench(kind="short_answer"), "s#9")

@@ -31,7 +31,6 @@ class BenchmarkSpec(BaseModel):
                                                "an image right), in percent, summed over categories")
     instruction: str | None = Field(None, description="appended to each question; None: the kind's usual one, "
                                                       "'' for none")
-    max_new_tokens: int = Field(16, ge=1, le=4096, description="tokens generated per answer")
     limit: int | None = Field(None, ge=1, description="score only the first N rows (in shard order)")
     image_column: str = "image"
     question_column: str = "question"
@@ -74,3 +73,21 @@ def check_unique_names(benchmarks: list[BenchmarkSpec]) -> list[BenchmarkSpec]:
     if twice:
         raise ValueError(f"benchmark names must be unique; {', '.join(twice)} appears more than once")
     return benchmarks
+
+
+class EvaluateAfterTraining(BaseModel):
+    """The fine-tuning spec's `evaluate:` section: benchmarks scored at the end of a run,
+    for the trained model and (compare_base) the base model; the metrics join
+    training_summary.json, and each run's outputs go to output/name/evaluation/."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    benchmarks: list[BenchmarkSpec] = Field(..., min_length=1)
+    compare_base: bool = Field(True, description="also evaluate base_model, so the summary shows what training changed")
+    max_new_tokens: int = Field(16, ge=1, le=4096, description="tokens generated per answer")
+    batch_size: int = Field(16, ge=1, le=4096, description="questions per generate() call")
+
+    @field_validator("benchmarks")
+    @classmethod
+    def _unique(cls, v: list[BenchmarkSpec]) -> list[BenchmarkSpec]:
+        return check_unique_names(v)

@@ -23,8 +23,9 @@ from .choices import DEFAULT_CHOICE_INSTRUCTION, LETTERS, answer_index, build_ch
 INSTRUCTIONS = {"multiple_choice": DEFAULT_CHOICE_INSTRUCTION, "yes_no": DEFAULT_YES_NO_INSTRUCTION,
                 "short_answer": DEFAULT_SHORT_INSTRUCTION, "numeric": DEFAULT_SHORT_INSTRUCTION}
 # Columns of an asked question (besides the image), in the order predictions are written.
+# `problem`: why the row could not be asked (the image is then left out, so nothing is generated).
 ASKED_COLUMNS = ("id", "benchmark", "category", "rotation", "prompt", "answer", "image_key", "options",
-                 "references", "error")
+                 "references", "problem")
 
 
 class RowProblem(ValueError):
@@ -105,11 +106,11 @@ def row_id(row: dict[str, Any], bench: BenchmarkSpec, place: str) -> str:
 
 def ask(row: dict[str, Any], bench: BenchmarkSpec, place: str) -> list[dict[str, Any]]:
     """The questions one input row becomes: one, or one per rotation for circular multiple
-    choice. A row that cannot be asked becomes one question with `error` set (scored wrong,
-    reported apart). `place` ("shard#row") is the id of rows without one."""
+    choice. A row that cannot be asked becomes one question with `problem` set (scored
+    wrong, reported apart as an error). `place` ("shard#row") is the id of rows without one."""
     base = {"id": row_id(row, bench, place), "benchmark": bench.name, "category": _text(row.get(bench.category_column)),
             "rotation": 0, "prompt": None, "answer": None, "image_key": None, "options": None, "references": None,
-            "error": None}
+            "problem": None}
     try:
         question = _text(row.get(bench.question_column))
         if question is None:
@@ -129,7 +130,7 @@ def ask(row: dict[str, Any], bench: BenchmarkSpec, place: str) -> list[dict[str,
         return [{**base, "prompt": prompt, "answer": " | ".join(refs), "references": json.dumps(refs),
                  "image_key": image_key(row, bench)}]
     except (RowProblem, ValueError) as exc:
-        return [{**base, "error": f"bad row: {exc}"}]
+        return [{**base, "problem": f"bad row: {exc}"}]
 
 
 def _ask_choice(row: dict[str, Any], bench: BenchmarkSpec, base: dict[str, Any], question: str,
@@ -156,9 +157,9 @@ class Scored:
 
 
 def score(kind: str, output: str | None, asked: dict[str, Any]) -> Scored:
-    """One reply against its question. A question with an error (bad image, bad row) has
-    no reply: it is wrong, and the metrics count it apart."""
-    if asked.get("error") is not None or output is None:
+    """One reply against its question. A question with an error (a bad image, or a row that
+    could not be asked) has no reply: it is wrong, and the metrics count it apart."""
+    if asked.get("error") is not None or asked.get("problem") is not None or output is None:
         return Scored(None, False)
     refs = json.loads(asked["references"])
     if kind == "multiple_choice":
