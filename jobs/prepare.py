@@ -1,7 +1,7 @@
 """Build fine-tuning Parquet shards: `python -m jobs.prepare ...` or `trol prepare ...`.
 
     python -m jobs.prepare digits --output DIR_OR_S3 [--shard-rows N] [--image-size 64]
-                                  [--test-fraction 0.2] [--seed 0] [--resample nearest]
+                                  [--test-fraction 0.2] [--seed 0] [--resample nearest] [--choice-rows]
     python -m jobs.prepare llava --json FILE.json|.jsonl --images IMAGE_DIR
                                  --output DIR_OR_S3 [--shard-rows N]
 
@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--resample", choices=("nearest", "bilinear"), default="nearest", help="upscaling filter (default %(default)s)"
     )
     digits.add_argument("--overwrite", action="store_true", help="replace shards already in --output")
+    digits.add_argument("--choice-rows", action="store_true",
+                        help="also ask each training image as eval-digits' 10-way multiple choice (letter answers)")
 
     llava = sub.add_parser("llava", help="LLaVA-style JSON/JSONL + image folder -> shards")
     llava.add_argument("--json", required=True, dest="json_path", metavar="FILE", help="records: a JSON array or JSON lines")
@@ -149,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                 seed=args.seed,
                 resample=args.resample,
                 overwrite=args.overwrite,
+                choice_rows=args.choice_rows,
             )
         else:
             summary = prepare_llava(
