@@ -1,4 +1,4 @@
-"""The `trol` console script: `trol caption|finetune|prepare|tiny|demo ...`, one per job."""
+"""The `trol` console script: `trol caption|finetune|evaluate|prepare|tiny|demo ...`, one per job."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ USAGE = """usage: trol COMMAND [ARGS...]
 commands:
   caption SPEC.yaml [--set k=v ...]   caption Parquet shards with a TroL model (Ray)
   finetune SPEC.yaml [--set k=v ...]  fine-tune a TroL model (Ray Train)
-  prepare digits|llava ...            build fine-tuning Parquet shards
+  evaluate SPEC.yaml [--compare M.json] score a TroL model on benchmark sets (Ray)
+  prepare digits|llava|eval-* ...     build fine-tuning or benchmark Parquet shards
   convert SRC DST [--traversal ...]    a released TroL checkpoint (BK-Lee/TroL-7B, ...) → a TroL folder
   tiny OUT_DIR [--backbone ...]       write a tiny random TroL model (tests, demos)
   demo                                the `make demo` run
@@ -26,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
         from jobs.caption import main as run
     elif command == "finetune":
         from jobs.finetune import main as run
+    elif command == "evaluate":
+        from jobs.evaluate import main as run
     elif command == "prepare":
         from jobs.prepare import main as run
     elif command == "convert":
