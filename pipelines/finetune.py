@@ -14,6 +14,7 @@ from typing import Any
 
 from .specs import FinetuneSpec, SpecError
 
+from .evaluate.after_training import check_evaluation, evaluate_after_training
 from .predictor import resolve_model_ref
 from .shards import find_shards
 from .storage import Location, Storage, StorageError, parse_uri
@@ -101,6 +102,7 @@ def run_finetune(spec: FinetuneSpec, hooks: list | None = None) -> dict[str, Any
         raise SpecError("base_model", str(exc)) from None
     train = _check_data(spec.data, "data", spec, storage)
     evaluation = _check_data(spec.eval_data, "eval_data", spec, storage) if spec.eval_data else None
+    check_evaluation(spec, storage)
     check_nodes(spec, cluster_node_count(), base_model_is_local=ref.kind == "local")
     run_dir = parse_uri(spec.output).join(spec.name)
     _record_spec(spec, storage, run_dir)
@@ -140,6 +142,8 @@ def run_finetune(spec: FinetuneSpec, hooks: list | None = None) -> dict[str, Any
     # The summary comes back through Ray (rank 0's last report): no shared disk needed.
     summary = dict(result.metrics["summary"])
     summary["wall_seconds"] = round(time.perf_counter() - started, 1)
+    if spec.evaluate is not None:
+        summary = evaluate_after_training(spec, summary, storage)
     return summary
 
 

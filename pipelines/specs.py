@@ -14,6 +14,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .evaluate.benchmark_spec import EvaluateAfterTraining
 from .images import DEFAULT_MAX_PIXELS
 
 # Keys that look like credentials: rejected with a pointer to the AWS variables, and their
@@ -199,6 +200,9 @@ class FinetuneSpec(_Spec):
     data_cpus_per_task: float = Field(0.5, gt=0.0, description="CPU per Ray Data task that decodes and tokenises")
     shared_paths: list[str] = Field(default_factory=list, description="local folders every node mounts (NFS, …); "
                                     "with several nodes, local output/data/base_model must lie under one")
+    # --- benchmarks at the end (issue 16) ---
+    evaluate: EvaluateAfterTraining | None = Field(
+        None, description="benchmarks scored for the trained (and base) model; metrics join training_summary.json")
 
     @field_validator("stage", mode="before")
     @classmethod
