@@ -5,14 +5,20 @@
 
 Exit status: 0 every shard done; 1 partial: some shards failed (see the summary), the rest
 are committed, rerun to retry the failed ones; 2 bad spec (nothing ran); 3 aborted: the run
-itself failed (e.g. the model cannot load), committed shards stay; 4 another run holds the
-output (its lease), nothing ran.
+itself failed (e.g. the model cannot load, or nothing moved for stall_timeout_s), committed
+shards stay; 4 another live run holds the output (its lease), nothing ran. A run whose
+holder is provably dead (its process gone on this host, or its Ray job ended on this
+cluster) is taken over without --force, and the job says so.
+
+Progress: a line per --progress-every seconds counted from committed shards, and Ray Data's
+per-stage progress (rows through each stage) in the same log.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from jobs.ray_session import ensure_ray
@@ -48,20 +54,33 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Ray Data logs each stage's progress every this many seconds when there is no terminal
+    # (read when ray.data is first imported, which happens below).
+    os.environ.setdefault("RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL", str(max(1, round(args.progress_every))))
     from jobs.caption_progress import CaptionProgress
-    from pipelines.caption import (EXIT_ABORTED, EXIT_BAD_SPEC, EXIT_COMPLETE, EXIT_LOCKED, execute_caption,
-                                   exit_status, format_summary, plan_caption)
-    from pipelines.lease import OutputLockedError
+    from pipelines.caption import (EXIT_ABORTED, EXIT_BAD_SPEC, EXIT_COMPLETE, EXIT_LOCKED, OutputLockedError,
+                                   execute_caption, exit_status, format_summary, plan_caption)
+    from pipelines.caption.lease import read_lease
 
     try:
         spec = load_spec(CaptionSpec, args.spec, args.overrides)
-        plan = plan_caption(spec, claim=not args.plan_only, force=args.force)
+        try:
+            plan = plan_caption(spec, claim=not args.plan_only, force=args.force)
+        except OutputLockedError:
+            # The holder may be a Ray job that has ended: only this cluster can tell.
+            held = read_lease(*_output_of(spec))
+            if not (held and held.get("ray_job")):
+                raise
+            ensure_ray()
+            plan = plan_caption(spec, claim=not args.plan_only, force=args.force)
     except OutputLockedError as exc:
         print(f"caption: {exc}", file=sys.stderr)
         return EXIT_LOCKED
     except SpecError as exc:
         print(f"caption: spec error: {exc}", file=sys.stderr)
         return EXIT_BAD_SPEC
+    if plan.took_over:
+        print(f"caption: {plan.took_over}", flush=True)
     todo_rows = sum(s.rows if s.wanted is None else len(s.wanted) for s in plan.todo)
     print(f"caption: {len(plan.shards)} shards, {len(plan.shards) - len(plan.todo)} already done, "
           f"{len(plan.todo)} to do ({todo_rows} rows), {len(plan.unusable)} unusable → {plan.output.uri}", flush=True)
@@ -73,11 +92,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if todo_rows:
         ensure_ray()
+        # Ray Data's per-stage progress goes to the job's log whatever level Ray's own
+        # loggers were quieted to.
+        logging.getLogger("ray.data._internal.progress.logging_progress").setLevel(logging.INFO)
     try:
         with CaptionProgress(plan, interval_s=args.progress_every):
             summary = execute_caption(plan)
     except Exception as exc:  # noqa: BLE001 - the summary already records it; say it plainly and exit 3
-        print(f"caption: aborted: {type(exc).__name__}: {str(exc).strip().splitlines()[-1][:500]}", file=sys.stderr)
+        print(f"caption: aborted: {type(exc).__name__}: {str(exc).strip()[:2000]}", file=sys.stderr)
         return EXIT_ABORTED
     print(format_summary(summary), flush=True)
     status = exit_status(summary)
@@ -85,6 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"caption: {'done' if status == EXIT_COMPLETE else f'partial, {failed} shards failed (rerun to retry them)'}; "
           f"outputs in {plan.output.uri}", flush=True)
     return status
+
+
+def _output_of(spec: CaptionSpec):
+    """(storage, output location) of a spec, for reading its lease."""
+    from pipelines.storage import Storage, parse_uri
+
+    return Storage.from_environment(spec.storage.endpoint_url, spec.storage.region), parse_uri(spec.output.rstrip("/"))
 
 
 if __name__ == "__main__":

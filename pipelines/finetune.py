@@ -15,7 +15,7 @@ from typing import Any
 from .specs import FinetuneSpec, SpecError
 
 from .evaluate.after_training import check_evaluation, evaluate_after_training
-from .predictor import resolve_model_ref
+from .models import resolve_model_ref
 from .shards import find_shards
 from .storage import Location, Storage, StorageError, parse_uri
 from .train_plan import RowIndex, micro_batches_per_worker

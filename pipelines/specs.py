@@ -76,6 +76,20 @@ class GenerationSpec(_Spec):
 CAPTION_COLUMNS = ("caption", "error", "num_tokens", "model")
 
 
+def check_concurrency(v: Any) -> Any:
+    """An actor pool's size: n, or [min, max] for a pool that grows and shrinks with the cluster."""
+    if isinstance(v, list):
+        v = tuple(v)
+    if isinstance(v, tuple):
+        if len(v) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+            raise ValueError("must be an int or [min, max] (two ints)")
+        if not 1 <= v[0] <= v[1]:
+            raise ValueError(f"[min, max] = {list(v)} needs 1 <= min <= max")
+    elif isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError("must be an int >= 1 or [min, max] (two ints)")
+    return v
+
+
 class CaptionSpec(_Spec):
     """`python -m jobs.caption SPEC.yaml`: caption every row of a set of Parquet shards."""
 
@@ -89,7 +103,9 @@ class CaptionSpec(_Spec):
     prompt: str = "Describe this image in one sentence."
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
     batch_size: int = Field(8, ge=1, le=4096, description="images per generate() call")
-    actors: int = Field(1, ge=1, description="predictor actors (model copies)")
+    concurrency: int | tuple[int, int] = Field(
+        1, description="predictor actors (model copies): n, or [min, max] for a pool that grows and shrinks with "
+        "the cluster (`actors: n` is the older name of `concurrency: n`)")
     gpus_per_actor: float = Field(0.0, ge=0.0, description="0 runs the model on CPU")
     cpus_per_actor: float = Field(1.0, gt=0.0, description="CPU reserved by each predictor actor")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -98,14 +114,34 @@ class CaptionSpec(_Spec):
     max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="larger images become row errors")
     max_open_shards: int = Field(
         4, ge=1, le=4096,
-        description="shards read and held at once; driver memory is about this × rows per shard × caption size")
+        description="shards read at once (one reader task each, decoding on one CPU); the read-ahead that hides a "
+                    "slow shard (see README); raise it with the actor count so decoding keeps up")
     retry_errors: bool = Field(False, description="re-caption only the rows with an error in already committed shards")
     transient_retries: int = Field(
         4, ge=0, le=20, description="retries (with backoff) of a batch or shard read after an infrastructure error")
     lease_seconds: float = Field(
         600.0, ge=1.0, description="a run's claim on the output lasts this long past its last renewal")
+    stall_timeout_s: float = Field(
+        1800.0, gt=0.0, description="no-progress watchdog: when nothing moves through the pipeline this long "
+        "(e.g. actors wait for GPUs the cluster never offers), the run ends (exit 3) saying what it waited for; "
+        "allow for the model's first download or conversion")
     model_cache_dir: str | None = Field(None, description="where s3:// models are cached; None: ~/.cache/trol-ray")
     storage: StorageSpec = Field(default_factory=StorageSpec)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _actors_is_concurrency(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "actors" in data:
+            if "concurrency" in data:
+                raise SpecError("actors", "is the older name of concurrency; set only concurrency")
+            data = {**data, "concurrency": data["actors"]}
+            del data["actors"]
+        return data
+
+    @field_validator("concurrency", mode="before")
+    @classmethod
+    def _concurrency(cls, v: Any) -> Any:
+        return check_concurrency(v)
 
     @field_validator("input", "output", "model", "image_column")
     @classmethod

@@ -17,7 +17,7 @@ import torch
 
 from .specs import FinetuneSpec
 
-from .predictor import materialize_model
+from .models import materialize_model
 from .storage import Storage
 from .train_batches import BatchRecipe, TimedBatches
 from .train_data import COUNTER_NAMES, RowFormat

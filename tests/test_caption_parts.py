@@ -1,9 +1,15 @@
 """The caption job's pure parts, without Ray: pixel transport, shard assembly, retry and
-error classification, the output lease, and reading a shard in batches."""
+error classification, the output lease and its takeover from dead runs, reading a shard in
+batches (and reading on after a store error), the predictor's failure handling, and
+per-row prompts in trol.Captioner."""
 
 from __future__ import annotations
 
 import io
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import botocore.exceptions as bx
@@ -13,11 +19,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines.assembly import AssemblyError, ShardAssembly, replace_rows
-from pipelines.caption_read import ShardReadError, iter_shard_batches
-from pipelines.lease import OutputLockedError, acquire_lease, read_lease, release_lease
+from pipelines.caption.assembly import AssemblyError, ShardAssembly, replace_rows
+from pipelines.caption.lease import (OutputLockedError, acquire_lease, dead_on_this_host, process_start_ticks,
+                                     read_lease, release_lease)
+from pipelines.caption.predictor import classify_model_error
+from pipelines.caption.read import ShardReadError, iter_shard_batches
 from pipelines.pixels import pack_arrays, unpack_arrays
-from pipelines.predictor import classify_model_error
 from pipelines.storage import (Location, NotFoundError, Storage, StorageError, TransientStorageError, describe_error,
                                with_retries)
 
@@ -80,10 +87,11 @@ def test_assembly_of_selected_rows_and_replacing_them() -> None:
         asm.add(part([0]))
     assert asm.add(part([3])) is False and asm.add(part([1])) is True
     committed = pa.table({"id": [f"r{i}" for i in range(5)], "caption": ["old"] * 5, "error": [None, "bad", None, "bad", None]})
-    fresh = pa.table({"id": ["r1", "r3"], "caption": ["new1", "new3"], "error": pa.array([None, None], pa.string()),
-                      "__row": pa.array([1, 3], pa.int64())})
+    fresh = pa.table({"caption": ["new1", "new3"], "error": pa.array([None, None], pa.string()),
+                      "__row": pa.array([1, 3], pa.int64())})  # the ids stay as committed
     merged = replace_rows(committed, fresh)
     assert merged.column("caption").to_pylist() == ["old", "new1", "old", "new3", "old"]
+    assert merged.column("id").to_pylist() == [f"r{i}" for i in range(5)]
     assert merged.column("error").null_count == 5 and merged.schema == committed.schema
 
 
@@ -152,6 +160,29 @@ def test_lease_refuses_a_second_run_until_expiry_or_force(tmp_path: Path) -> Non
     assert read_lease(st, out) is None
 
 
+def test_lease_is_taken_over_when_its_holder_is_provably_dead(tmp_path: Path) -> None:
+    st, out = Storage(), Location("file", str(tmp_path / "out"))
+    host = socket.gethostname()
+    victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    ticks = process_start_ticks(victim.pid)
+    acquire_lease(st, out, "run-a", 600, holder={"host": host, "pid": victim.pid, "pid_start": ticks})
+    with pytest.raises(OutputLockedError):  # alive: refused
+        acquire_lease(st, out, "run-b", 600)
+    victim.kill()
+    victim.wait()
+    took = acquire_lease(st, out, "run-b", 600)
+    assert took and "run-a" in took and f"process {victim.pid}" in took and "gone" in took
+    assert read_lease(st, out)["run_id"] == "run-b"
+    parent = os.getppid()  # alive for as long as this test runs
+    alive = {"host": host, "pid": parent, "pid_start": process_start_ticks(parent)}
+    assert dead_on_this_host(alive) is None
+    assert "later process" in dead_on_this_host({**alive, "pid_start": alive["pid_start"] + 1})  # the pid reused
+    assert dead_on_this_host({**alive, "host": "another-host", "pid": victim.pid}) is None  # no proof elsewhere
+    acquire_lease(st, out, "run-c", 600, holder={**alive, "host": "another-host", "pid": victim.pid}, force=True)
+    with pytest.raises(OutputLockedError, match="--force"):
+        acquire_lease(st, out, "run-d", 600)
+
+
 class TileProcessor:
     """Stands in for a tiling processor: uint8 tile stacks whose count follows the width."""
 
@@ -172,12 +203,12 @@ def test_reader_streams_row_groups_and_keeps_per_row_shapes(tmp_path: Path) -> N
     cells = [png(10 + i, 5 + i) if i % 4 else b"junk" for i in range(23)]
     pq.write_table(pa.table({"id": list(range(23)), "image": pa.array(cells, pa.binary())}), tmp_path / "s.parquet",
                    row_group_size=5)
-    kwargs = dict(proc=TileProcessor(), storage=Storage(), image_column="image", id_columns=["id"], num_rows=23,
+    kwargs = dict(proc=TileProcessor(), storage=Storage(), image_column="image", num_rows=23,
                   batch_rows=4, max_pixels=10_000, retries=0)
     batches = list(iter_shard_batches(str(tmp_path / "s.parquet"), **kwargs))
     assert all(b.num_rows <= 4 for b in batches)
     table = pa.concat_tables(batches)
-    assert table.column("__row").to_pylist() == list(range(23)) == table.column("id").to_pylist()
+    assert table.column("__row").to_pylist() == list(range(23)) and "id" not in table.column_names
     arrays, errors = unpack_arrays(table), table.column("error").to_pylist()
     for i in range(23):
         if i % 4 == 0:
@@ -196,13 +227,76 @@ def test_reader_streams_row_groups_and_keeps_per_row_shapes(tmp_path: Path) -> N
     assert not err.value.transient
 
 
+class FlakyStore(Storage):
+    """Local files whose reads fail like a dropped S3 connection after `fail_after` bytes, `times` times."""
+
+    def __init__(self, fail_after: int, times: int):
+        super().__init__()
+        self.fail_after, self.times, self.opened = fail_after, times, 0
+
+    def filesystem(self, loc):
+        store = self
+
+        class Flaky(io.RawIOBase):
+            def __init__(self, path):
+                self.f, self.read_bytes = open(path, "rb"), 0  # noqa: SIM115
+
+            def readable(self):
+                return True
+
+            def seekable(self):
+                return True
+
+            def seek(self, *args):
+                return self.f.seek(*args)
+
+            def tell(self):
+                return self.f.tell()
+
+            def readinto(self, buf):
+                if store.times and self.read_bytes > store.fail_after:
+                    store.times -= 1
+                    raise OSError("AWS Error NETWORK_CONNECTION during GetObject operation: connection reset")
+                n = self.f.readinto(buf)
+                self.read_bytes += n
+                return n
+
+            def close(self):
+                self.f.close()
+                super().close()
+
+        class Files:
+            def open_input_file(self, path):
+                store.opened += 1
+                return Flaky(path)
+
+        return Files()
+
+
+def test_reader_reads_on_after_a_store_error_without_sending_a_row_twice(tmp_path: Path) -> None:
+    cells = [png(10 + i % 5, 8) for i in range(40)]
+    pq.write_table(pa.table({"image": pa.array(cells, pa.binary())}), tmp_path / "s.parquet", row_group_size=7,
+                   compression="none")
+    size = (tmp_path / "s.parquet").stat().st_size
+    store = FlakyStore(fail_after=size // 2, times=2)
+    waits: list[float] = []
+    kwargs = dict(proc=TileProcessor(), storage=store, image_column="image", num_rows=40, batch_rows=3,
+                  max_pixels=10_000, retries=3, sleep=waits.append)
+    rows = pa.concat_tables(iter_shard_batches(str(tmp_path / "s.parquet"), **kwargs)).column("__row").to_pylist()
+    assert rows == list(range(40)) and store.opened == 3 and waits == [1.0, 2.0]
+    store.times = 5  # more failures than retries: the shard fails, as a store problem
+    with pytest.raises(ShardReadError, match="after 3 retries") as err:
+        list(iter_shard_batches(str(tmp_path / "s.parquet"), **kwargs))
+    assert err.value.transient
+
+
 class FlakyCaptioner:
     """Runs out of memory on batches over `fits` images; fails on the image holding -1."""
 
     def __init__(self, fits: int):
         self.fits, self.calls = fits, []
 
-    def caption(self, arrays, prompt, **kw):
+    def caption(self, arrays, prompts, **kw):
         from trol import CaptionResult
 
         self.calls.append(len(arrays))
@@ -210,28 +304,55 @@ class FlakyCaptioner:
             raise RuntimeError("CUDA out of memory. Tried to allocate 1.00 GiB")
         if any(a.min() < 0 for a in arrays):
             raise ValueError("this image cannot be captioned")
-        return [CaptionResult(text=f"c{int(a.max())}", num_tokens=2) for a in arrays]
+        return [CaptionResult(text=f"{p}:c{int(a.max())}", num_tokens=2) for a, p in zip(arrays, prompts)]
 
 
-def predictor_with(captioner) -> "CaptionPredictor":  # noqa: F821
-    from pipelines.predictor import CaptionPredictor
+def predictor_with(captioner, for_job: bool = True, prompt_column: str | None = None):
+    from pipelines.caption.predictor import CaptionPredictor
 
     pred = CaptionPredictor.__new__(CaptionPredictor)  # the model-loading constructor is not under test
-    pred.captioner, pred.prompt, pred.generation, pred.actor = captioner, "p", {}, "test"
+    pred.captioner, pred.prompt, pred.prompt_column, pred.generation = captioner, "p", prompt_column, {}
+    pred.give_up_after, pred.for_job, pred.actor = 1, for_job, "test"
     return pred
 
 
-def test_predictor_splits_on_memory_isolates_bad_rows_and_raises_persistent_oom() -> None:
-    from pipelines.predictor import InfrastructureError
-
+def test_predictor_splits_on_memory_isolates_bad_rows_and_gives_up_on_persistent_oom() -> None:
     arrays = [np.full((3, 2, 2), v, np.float32) for v in (1, 2, -1, 4, 5)]
     errors = [None, None, None, "image is null", None]
-    batch = pa.table({"__row": pa.array(range(5), pa.int64()), "error": pa.array(errors, pa.string()),
+    batch = pa.table({"__row": pa.array(range(5), pa.int64()), "q": ["a", "b", "c", "d", None],
+                      "error": pa.array(errors, pa.string()),
                       **pack_arrays([a if e is None else None for a, e in zip(arrays, errors)])})
     cap = FlakyCaptioner(fits=2)
-    out, actor = predictor_with(cap)(batch)
-    assert out.column("caption").to_pylist() == ["c1", "c2", None, None, "c5"]
+    out = predictor_with(cap)(batch)
+    assert out.column_names == ["__row", "q", "caption", "error", "num_tokens", "__fatal", "__actor"]
+    assert out.column("caption").to_pylist() == ["p:c1", "p:c2", None, None, "p:c5"]
     assert "cannot be captioned" in out.column("error")[2].as_py() and out.column("error")[3].as_py() == "image is null"
     assert cap.calls[0] == 4 and max(cap.calls[1:]) <= 2  # the 4 good-looking rows, then halves
-    with pytest.raises(InfrastructureError, match="out of memory on a single image"):
-        predictor_with(FlakyCaptioner(fits=0))(batch)
+    assert out.column("__fatal").null_count == 5
+    # Per-row prompts from a column; a null prompt is that row's error. No job columns in a user's pipeline.
+    out = predictor_with(FlakyCaptioner(fits=8), for_job=False, prompt_column="q")(batch)
+    assert out.column_names == ["__row", "q", "caption", "error", "num_tokens"]
+    assert out.column("caption").to_pylist()[:2] == ["a:c1", "b:c2"] and "is null" in out.column("error")[4].as_py()
+    # Out of memory on one image every time: the job fails the shard (fatal), a pipeline gets row errors.
+    gave_up = predictor_with(FlakyCaptioner(fits=0))(batch)
+    assert gave_up.column("caption").null_count == 5
+    assert all("out of memory on a single image" in gave_up.column("__fatal")[i].as_py() for i in (0, 1, 2, 4))
+    rows = predictor_with(FlakyCaptioner(fits=0), for_job=False)(batch).column("error").to_pylist()
+    assert "out of memory on a single image" in rows[0] and rows[3] == "image is null"
+
+
+def test_captioner_takes_one_prompt_per_image(tiny_model: Path) -> None:
+    from trol import Captioner
+
+    cap = Captioner(str(tiny_model), dtype="float32", device="cpu")
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (1, 3, cap.processor.image_size, cap.processor.image_size), dtype=np.uint8)
+              for _ in range(3)]
+    prompts = ["Describe the image.", "What colour is it? Answer with one word.", "Describe the image."]
+    together = cap.caption(images, prompts, max_new_tokens=5)
+    alone = [cap.caption([img], p, max_new_tokens=5)[0] for img, p in zip(images, prompts)]
+    assert [(r.text, r.num_tokens) for r in together] == [(r.text, r.num_tokens) for r in alone]
+    assert [r.text for r in cap.caption(images, prompts[0], max_new_tokens=5)] == [
+        cap.caption([img], prompts[0], max_new_tokens=5)[0].text for img in images]
+    with pytest.raises(ValueError, match="2 prompts for 3 images"):
+        cap.caption(images, prompts[:2])

@@ -119,7 +119,7 @@ def test_keep_adapter_export_loads_like_the_merged_one(tmp_path):
 
 def test_checkpoints_and_model_on_s3(tmp_path, digits, tiny_model, s3_env, make_bucket):
     from pipelines.storage import Storage
-    from pipelines.predictor import materialize_model, resolve_model_ref
+    from pipelines.models import materialize_model, resolve_model_ref
 
     bucket = make_bucket("ft")
     client = s3_env.client()

@@ -116,7 +116,7 @@ class Captioner:
     def caption(
         self,
         pixel_values: list[np.ndarray],
-        prompt: str,
+        prompt: str | list[str],
         *,
         max_new_tokens: int = 32,
         do_sample: bool = False,
@@ -124,9 +124,16 @@ class Captioner:
         top_p: float = 1.0,
         seed: int | None = None,
     ) -> list[CaptionResult]:
+        """One caption per image. `prompt` is the user message: one for the whole batch, or
+        one per image (rows with different prompts share the batch; left padding aligns them)."""
         if not len(pixel_values):
             return []
-        text = [self.processor.build_prompt(prompt)] * len(pixel_values)
+        prompts = [prompt] * len(pixel_values) if isinstance(prompt, str) else list(prompt)
+        if len(prompts) != len(pixel_values):
+            raise ValueError(f"{len(prompts)} prompts for {len(pixel_values)} images: give one prompt, or one per image")
+        # Each distinct prompt is built once; the processor then tokenises each distinct text once.
+        built = {p: self.processor.build_prompt(p) for p in dict.fromkeys(prompts)}
+        text = [built[p] for p in prompts]
         # uint8 tiles travel to the device as they are and are normalised there.
         images = [_tensor(p).to(self.device, non_blocking=True) for p in pixel_values]
         batch = self.processor(text=text, images=images).to(self.device)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..predictor import ModelRef, resolve_model_ref
+from ..models import ModelRef, resolve_model_ref
 from ..shards import find_shards
 from ..specs import SpecError
 from ..storage import Location, Storage, StorageError, parse_uri

@@ -29,10 +29,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .lease import acquire_lease
-from .predictor import ModelRef, resolve_model_ref
-from .shards import find_shards
-from .specs import CaptionSpec, SpecError, public_dump
-from .storage import FileIdentity, Location, Storage, StorageError, parse_uri
+from ..models import ModelRef, resolve_model_ref
+from ..shards import find_shards
+from ..specs import CaptionSpec, SpecError, public_dump
+from ..storage import FileIdentity, Location, Storage, StorageError, parse_uri
 
 STATS_DIR = "_stats"
 SUMMARY = "_SUMMARY.json"
@@ -69,6 +69,7 @@ class CaptionPlan:
     orphans: list[str] = field(default_factory=list)  # outputs whose input is gone
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     started: float = field(default_factory=time.time)
+    took_over: str | None = None  # how this run took the output's lease from a dead (or --force'd) run
 
 
 def now_iso() -> str:
@@ -220,7 +221,8 @@ def _check_run(plan: CaptionPlan, has_done: bool, claim: bool, force: bool) -> N
                 raise SpecError("output", f"{plan.output.uri} holds captions made with a different "
                                 f"{', '.join(changed) or 'spec'}; use a new output or remove the old one")
         if claim:
-            acquire_lease(plan.storage, plan.output, plan.run_id, plan.spec.lease_seconds, force=force)
+            plan.took_over = acquire_lease(plan.storage, plan.output, plan.run_id, plan.spec.lease_seconds,
+                                           force=force)
             plan.storage.write_json(run, {"run_id": plan.run_id, "fingerprint": plan.fingerprint,
                                           "started_at": now_iso(), "spec": public_dump(plan.spec)})
     except StorageError as exc:

@@ -1,10 +1,11 @@
-"""Putting one shard's output back together from captioned batches (no Ray here).
+"""Putting one shard's output back together from captioned chunks (no Ray here).
 
-Batches of a shard come back in any order, from any predictor actor, and a retried batch
-may come back twice. A `ShardAssembly` takes each batch's rows, refuses a row index it has
-already seen or that the shard does not have, and says when every wanted row is in; then
-`table()` gives the rows in input order. Only caption results are held (ids, caption,
-error, token count per row), never pixels: this is what bounds the driver's memory.
+Chunks of a shard reach the driver in order (the job's dataset preserves order), but the
+driver does not rely on it for correctness: a `ShardAssembly` takes each chunk's rows,
+refuses a row index it has already seen or that the shard does not have, and says when
+every wanted row is in; then `table()` gives the rows in input order. Only caption results
+are held (row index, caption, error, token count), never pixels or images: this is what
+bounds the driver's memory.
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ class ShardAssembly:
 
 def replace_rows(committed: pa.Table, fresh: pa.Table) -> pa.Table:
     """A committed shard output with some rows redone (retry_errors): `fresh` carries the
-    row indices (`__row`) of the rows it replaces; every other row stays as committed."""
+    row indices (`__row`) of the rows it replaces and the columns it replaces in them (e.g.
+    caption, error, num_tokens); every other row and column stays as committed."""
     if fresh.num_rows == 0:
         return committed
     rows = fresh.column(ROW).to_numpy()
@@ -83,6 +85,9 @@ def replace_rows(committed: pa.Table, fresh: pa.Table) -> pa.Table:
     columns = {}
     for name in committed.column_names:
         old = committed.column(name)
+        if name not in fresh.column_names:
+            columns[name] = old
+            continue
         new = fresh.column(name).cast(old.type)
         merged = pa.concat_arrays([old.combine_chunks(), new.combine_chunks()])
         index = np.where(keep, source, committed.num_rows + position)

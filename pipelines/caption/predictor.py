@@ -1,0 +1,202 @@
+"""The TroL predictor: a Ray Data actor-pool stage that captions packed pixel rows.
+
+`CaptionPredictor` loads `trol.Captioner` once per actor and captions each batch's rows
+that have pixels; rows that already carry an `error` pass through. Failures are sorted by
+what they say about the rows:
+
+- a row's own problem: the batch is retried row by row, so only that row gets an `error`;
+- out of memory: the batch is split in halves; a single image that still does not fit is
+  retried with backoff, then given up (`__fatal` in the job, `error` in a user pipeline);
+- a broken device (CUDA error): nothing in this process can use it again, so the process
+  exits; Ray restarts the actor (a fresh process) and retries the batch;
+- a batch that kills its process every time (a poison batch): Ray retries it a bounded
+  number of times; the attempt past `give_up_after` captions nothing and marks the batch's
+  rows (`__fatal`: the job fails their shard with this reason; `error` in a user pipeline).
+
+`trol` (and torch) is imported only when an actor starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+
+from ..images import describe_exception
+from ..models import ModelRef, materialize_model
+from ..pixels import PIXEL_COLUMNS, unpack_arrays
+from ..storage import Storage
+
+log = logging.getLogger(__name__)
+
+FATAL = "__fatal"  # job only: why this row's shard must fail (its rows are not captioned)
+ACTOR = "__actor"  # job only: which predictor actor captioned the row (the summary's rows_per_actor)
+
+_BROKEN_DEVICE = ("CUDA error", "device-side assert", "illegal memory access", "CUBLAS_STATUS", "cuDNN error",
+                  "CUDNN_STATUS", "NCCL error", "uncorrectable ECC", "unspecified launch failure", "HIP error")
+
+
+def classify_model_error(exc: BaseException) -> Literal["device", "memory", "row"]:
+    """device: the accelerator is unusable for the rest of this process's life;
+    memory: too much at once (a smaller batch may fit); row: something about the input."""
+    text = f"{type(exc).__name__}: {exc}"
+    if type(exc).__name__ == "AcceleratorError" or any(marker in text for marker in _BROKEN_DEVICE):
+        return "device"
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or "out of memory" in text.lower():
+        return "memory"
+    return "row"
+
+
+class GiveUp(Exception):
+    """Infrastructure, not the rows, failed for good: the batch's rows are not captioned."""
+
+
+def task_attempt() -> int | None:
+    """How many times Ray has already run the current task (0 on the first run), or None
+    where Ray does not say. A batch whose actor died is retried as the same task."""
+    try:
+        from ray._private.worker import global_worker
+
+        return int(global_worker.core_worker.get_current_task_attempt_number())
+    except Exception:  # noqa: BLE001 - outside Ray, or an API that moved
+        return None
+
+
+class CaptionPredictor:
+    """One model copy; `__call__` takes and returns a pyarrow batch (map_batches)."""
+
+    def __init__(
+        self,
+        *,
+        model: ModelRef,
+        model_id: str,
+        storage: Storage,
+        cache_dir: str | None,
+        dtype: str,
+        quantize: int | None,
+        device: str | None,
+        prompt: str,
+        prompt_column: str | None,
+        generation: dict[str, Any],
+        give_up_after: int,
+        for_job: bool,
+    ):
+        from trol import Captioner
+
+        path = materialize_model(model, storage, cache_dir, weights=True)
+        self.captioner = Captioner(path, dtype=dtype, device=device, model_id=model_id, quantize=quantize)
+        self.prompt, self.prompt_column, self.generation = prompt, prompt_column, generation
+        self.give_up_after, self.for_job = give_up_after, for_job
+        self.actor = _actor_name()
+
+    def _caption(self, arrays: list[np.ndarray], prompts: list[str]) -> list[tuple[str | None, int | None, str | None]]:
+        """(caption, num_tokens, error) per array; raises GiveUp for a single image that
+        runs out of memory every time."""
+        try:
+            results = self.captioner.caption(arrays, prompts, **self.generation)
+            if len(results) != len(arrays):
+                raise RuntimeError(f"captioner returned {len(results)} results for {len(arrays)} images")
+            return [(r.text, int(r.num_tokens), None) for r in results]
+        except GiveUp:
+            raise
+        except Exception as exc:  # noqa: BLE001 - classified below
+            kind = classify_model_error(exc)
+            if kind == "device":
+                # Nothing run in this process can use the device again. Exiting makes Ray
+                # restart the actor (a fresh process, a fresh context) and retry the batch.
+                log.error("device failure, restarting this actor: %s", describe_exception(exc))
+                logging.shutdown()
+                os._exit(70)
+            if kind == "memory":
+                if len(arrays) == 1:
+                    return [self._one_image_again(arrays[0], prompts[0], exc)]
+                half = len(arrays) // 2
+                return self._caption(arrays[:half], prompts[:half]) + self._caption(arrays[half:], prompts[half:])
+            if len(arrays) == 1:
+                return [(None, None, f"captioning failed: {describe_exception(exc)}")]
+            log.warning("batch of %d failed (%s); retrying row by row", len(arrays), type(exc).__name__)
+            return [self._caption([a], [p])[0] for a, p in zip(arrays, prompts)]
+
+    def _one_image_again(self, array: np.ndarray, prompt: str, first: BaseException) -> tuple[str | None, int | None, str | None]:
+        """One image out of memory: memory held by other work may free up; try a few times."""
+        last = first
+        for wait in (1.0, 2.0, 4.0)[: max(0, self.give_up_after - 1)]:
+            time.sleep(wait)
+            try:
+                r = self.captioner.caption([array], [prompt], **self.generation)[0]
+                return r.text, int(r.num_tokens), None
+            except Exception as exc:  # noqa: BLE001
+                if classify_model_error(exc) != "memory":
+                    return None, None, f"captioning failed: {describe_exception(exc)}"
+                last = exc
+        raise GiveUp(f"out of memory on a single image: {describe_exception(last)}")
+
+    def _prompts(self, batch: pa.Table, errors: list[str | None]) -> list[str]:
+        if self.prompt_column is None:
+            return [self.prompt] * batch.num_rows
+        prompts = batch.column(self.prompt_column).to_pylist()
+        for i, p in enumerate(prompts):
+            if errors[i] is None and (not isinstance(p, str) or not p.strip()):
+                errors[i] = f"prompt column {self.prompt_column!r} is {'null' if p is None else 'empty'} in this row"
+        return [p if isinstance(p, str) else "" for p in prompts]
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        errors = batch.column("error").to_pylist()
+        prompts = self._prompts(batch, errors)
+        captions: list[str | None] = [None] * n
+        tokens: list[int | None] = [None] * n
+        fatal: list[str | None] = [None] * n
+        attempt = task_attempt()
+        arrays = unpack_arrays(batch)
+        good = [i for i in range(n) if errors[i] is None and arrays[i] is not None]
+        if good and attempt is not None and attempt >= self.give_up_after:
+            why = (f"the predictor's process died {attempt} times while captioning a batch of {len(good)} rows "
+                   "(a poison batch: see the actor's log); its rows were not captioned")
+            log.error("%s", why)
+            self._give_up(good, why, errors, fatal)
+        elif good:
+            try:
+                results = self._caption([arrays[i] for i in good], [prompts[i] for i in good])
+                for i, (text, ntok, err) in zip(good, results):
+                    captions[i], tokens[i], errors[i] = text, ntok, err
+            except GiveUp as exc:
+                self._give_up(good, str(exc), errors, fatal)
+        out = batch.drop_columns([c for c in (*PIXEL_COLUMNS, "error") if c in batch.column_names])
+        out = out.append_column("caption", pa.array(captions, type=pa.string()))
+        out = out.append_column("error", pa.array(errors, type=pa.string()))
+        out = out.append_column("num_tokens", pa.array(tokens, type=pa.int32()))
+        if self.for_job:
+            out = out.append_column(FATAL, pa.array(fatal, type=pa.string())) if FATAL not in out.column_names \
+                else _merge_fatal(out, fatal)
+            out = out.append_column(ACTOR, pa.array([self.actor] * n, type=pa.string()))
+        return out
+
+    def _give_up(self, rows: list[int], why: str, errors: list[str | None], fatal: list[str | None]) -> None:
+        for i in rows:
+            if self.for_job:
+                fatal[i] = why
+            else:
+                errors[i] = why
+
+
+def _merge_fatal(out: pa.Table, fatal: list[str | None]) -> pa.Table:
+    """The job's reader marks unreadable shards in `__fatal` already; keep those marks."""
+    before = out.column(FATAL).to_pylist()
+    merged = [b if b is not None else f for b, f in zip(before, fatal)]
+    return out.set_column(out.schema.get_field_index(FATAL), FATAL, pa.array(merged, type=pa.string()))
+
+
+def _actor_name() -> str:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_actor_id() or f"pid-{os.getpid()}"
+    except Exception:  # noqa: BLE001 - a name for the summary only
+        pass
+    return f"pid-{os.getpid()}"
