@@ -78,8 +78,13 @@ def test_read_score_and_write_keep_input_order_and_drop_failed_shards(tmp_path: 
                for r in pa.concat_tables([second, first]).drop_columns(["image"]).to_pylist()][::-1]
     predictions, failed = score_replies([bench], replies, reply_column="caption", shard_column=SHARD_COLUMN,
                                         row_column=ROW_COLUMN, failed_column=SHARD_FAILED,
-                                        order=[t.uri for t in plan.tasks])
+                                        expected={t.uri: t.rows for t in plan.tasks})
     assert list(failed) == [plan.tasks[1].uri]
+    # A shard whose rows did not all come back is not scored on the rest.
+    _, thin = score_replies([bench], [r for r in replies if r[ROW_COLUMN] != 3], reply_column="caption",
+                            shard_column=SHARD_COLUMN, row_column=ROW_COLUMN, failed_column=SHARD_FAILED,
+                            expected={t.uri: t.rows for t in plan.tasks})
+    assert thin[plan.tasks[0].uri] == "incomplete: 70 of its 71 rows came back from generation"
     assert [(p["id"], p["rotation"]) for p in predictions[:4]] == [("0", 0), ("0", 1), ("1", 0), ("1", 1)]
     assert len(predictions) == 141 and predictions[-1]["error"].startswith("bad row")
     metrics = evaluation_metrics([bench], predictions, model="m", model_identity="x", run_id="r",

@@ -31,7 +31,7 @@ def _evaluate_spec(spec: Any, model: str, output: Location):
 
     section = spec.evaluate
     return EvaluateSpec(benchmarks=section.benchmarks, model=model, output=output.uri,
-                        max_new_tokens=section.max_new_tokens, batch_size=section.batch_size, actors=1,
+                        max_new_tokens=section.max_new_tokens, batch_size=section.batch_size, concurrency=1,
                         gpus_per_actor=float(spec.gpus_per_worker), model_cache_dir=spec.model_cache_dir,
                         storage=spec.storage)
 

@@ -53,7 +53,7 @@ def processor_config(spec: EvaluateSpec) -> dict[str, Any]:
     """The caption processor's settings for answering questions: each row's prompt, greedy."""
     return dict(model=spec.model, prompt_column="prompt", image_column="image",
                 generation={"max_new_tokens": spec.max_new_tokens, "do_sample": False},
-                batch_size=spec.batch_size, concurrency=spec.actors, cpus_per_actor=spec.cpus_per_actor,
+                batch_size=spec.batch_size, concurrency=spec.concurrency, cpus_per_actor=spec.cpus_per_actor,
                 gpus_per_actor=spec.gpus_per_actor, dtype=spec.dtype, quantize=spec.quantize,
                 max_image_pixels=spec.max_image_pixels, model_cache_dir=spec.model_cache_dir,
                 storage=spec.storage.model_dump())
@@ -85,7 +85,7 @@ def run_planned(plan: EvaluationPlan, spec: EvaluateSpec) -> dict[str, Any]:
     replies = generate_replies(plan, spec)
     predictions, failed = score_replies(plan.benchmarks, replies, reply_column="caption", shard_column=SHARD_COLUMN,
                                         row_column=ROW_COLUMN, failed_column=SHARD_FAILED,
-                                        order=[t.uri for t in plan.tasks])
+                                        expected={t.uri: t.rows for t in plan.tasks})
     metrics = evaluation_metrics(plan.benchmarks, predictions, model=spec.model, model_identity=plan.model.identity,
                                  run_id=plan.run_id, failed_shards={**plan.unusable, **failed},
                                  seconds=time.time() - started,

@@ -27,10 +27,21 @@ PREDICTION_SCHEMA = pa.schema([
 
 
 def score_replies(benchmarks: list[BenchmarkSpec], replies: list[dict[str, Any]], *, reply_column: str,
-                  shard_column: str, row_column: str, failed_column: str, order: list[str]) -> tuple[list[dict[str, Any]], dict[str, str]]:
+                  shard_column: str, row_column: str, failed_column: str,
+                  expected: dict[str, int]) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """Scored predictions in input order (benchmark, shard, row, rotation), and the shards
-    that failed to read (their rows are left out: a benchmark is scored on whole shards)."""
+    that failed: unreadable, or with fewer rows back than `expected` (shard → rows asked;
+    its order is the input order). A failed shard's rows are left out: a benchmark is
+    scored on whole shards, never on a silently thinner sample."""
     failed = {r[shard_column]: r[failed_column] for r in replies if r.get(failed_column)}
+    came_back: dict[str, set[int]] = {}
+    for r in replies:
+        came_back.setdefault(r[shard_column], set()).add(r[row_column])
+    for uri, rows in expected.items():
+        got = len(came_back.get(uri, ()))
+        if uri not in failed and got != rows:
+            failed[uri] = f"incomplete: {got} of its {rows} rows came back from generation"
+    order = list(expected)
     kinds = {b.name: b.kind for b in benchmarks}
     bench_rank = {b.name: i for i, b in enumerate(benchmarks)}
     shard_rank = {uri: i for i, uri in enumerate(order)}

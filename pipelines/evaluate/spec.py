@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from ..images import DEFAULT_MAX_PIXELS
-from ..specs import StorageSpec, _Spec
+from ..specs import StorageSpec, _Spec, check_concurrency
 from .benchmark_spec import BenchmarkSpec, check_unique_names
 
 
@@ -20,7 +20,8 @@ class EvaluateSpec(_Spec):
     output: str = Field(..., description="folder/prefix for predictions.parquet, metrics.json and metrics.md")
     max_new_tokens: int = Field(16, ge=1, le=4096, description="tokens generated per answer (greedy)")
     batch_size: int = Field(16, ge=1, le=4096, description="questions per generate() call")
-    actors: int = Field(1, ge=1, description="predictor actors (model copies)")
+    concurrency: int | tuple[int, int] = Field(
+        1, description="predictor actors (model copies): n, or [min, max] for a pool that grows with the cluster")
     gpus_per_actor: float = Field(0.0, ge=0.0, description="0 runs the model on CPU")
     cpus_per_actor: float = Field(1.0, gt=0.0)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -28,6 +29,11 @@ class EvaluateSpec(_Spec):
     max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="larger images become row errors")
     model_cache_dir: str | None = Field(None, description="where s3:// or released models are cached per node")
     storage: StorageSpec = Field(default_factory=StorageSpec)
+
+    @field_validator("concurrency", mode="before")
+    @classmethod
+    def _concurrency(cls, v: Any) -> Any:
+        return check_concurrency(v)
 
     @field_validator("benchmarks")
     @classmethod
