@@ -102,8 +102,9 @@ def run_finetune(spec: FinetuneSpec, hooks: list | None = None) -> dict[str, Any
         raise SpecError("base_model", str(exc)) from None
     train = _check_data(spec.data, "data", spec, storage)
     evaluation = _check_data(spec.eval_data, "eval_data", spec, storage) if spec.eval_data else None
-    check_evaluation(spec, storage)
-    check_nodes(spec, cluster_node_count(), base_model_is_local=ref.kind == "local")
+    nodes = cluster_node_count()
+    check_nodes(spec, nodes, base_model_is_local=ref.kind == "local")
+    check_evaluation(spec, storage, nodes)
     run_dir = parse_uri(spec.output).join(spec.name)
     _record_spec(spec, storage, run_dir)
     total_steps = plan_steps(spec, train.rows)

@@ -99,3 +99,21 @@ def test_read_score_and_write_keep_input_order_and_drop_failed_shards(tmp_path: 
     saved = json.loads(Path(outputs["metrics"]).read_text())
     assert saved["benchmarks"]["mc"]["overall"] == json.loads(json.dumps(overall))
     assert "| mc | all | 71 | 0 | 0.0 % | 1 | 0 |" in Path(outputs["metrics_md"]).read_text()
+
+
+def test_finetune_evaluate_section_is_checked_before_training(tmp_path: Path, tiny_model: Path) -> None:
+    from jobs.specs import FinetuneSpec, build_spec
+    from pipelines.evaluate.after_training import check_evaluation
+
+    write(tmp_path / "mc" / "part-0.parquet", rows(3))
+    spec = build_spec(FinetuneSpec, dict(
+        data=str(tmp_path), output=str(tmp_path / "runs"), name="r", base_model=str(tiny_model), max_steps=1,
+        evaluate={"benchmarks": [{"name": "mc", "data": str(tmp_path / "mc"), "kind": "multiple_choice"}]}))
+    check_evaluation(spec, Storage())  # one node: fine
+    with pytest.raises(SpecError) as err:
+        check_evaluation(spec, Storage(), nodes=2)
+    assert err.value.field == "evaluate.benchmarks.0.data" and "shared_paths" in str(err.value)
+    check_evaluation(spec.model_copy(update={"shared_paths": [str(tmp_path)]}), Storage(), nodes=2)
+    with pytest.raises(SpecError, match="evaluate.benchmarks.0.kind"):
+        build_spec(FinetuneSpec, {**spec.model_dump(), "evaluate": {"benchmarks": [
+            {"name": "mc", "data": "x", "kind": "essay"}]}})

@@ -5,8 +5,10 @@ training_summary.json, with the table that compares them."""
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
+from ..specs import SpecError
 from ..storage import Location, Storage, parse_uri
 from .plan import plan_benchmarks
 from .report import compare_table
@@ -18,12 +20,22 @@ def _evaluation_dir(spec: Any) -> Location:
     return parse_uri(spec.output).join(spec.name, "evaluation")
 
 
-def check_evaluation(spec: Any, storage: Storage) -> None:
+def check_evaluation(spec: Any, storage: Storage, nodes: int = 1) -> None:
     """Before any training: every benchmark's shards and columns (SpecError names
-    `evaluate.benchmarks.N.…`)."""
-    if spec.evaluate is not None:
-        plan_benchmarks(spec.evaluate.benchmarks, spec.base_model, _evaluation_dir(spec).uri, storage,
-                        field_prefix="evaluate.", model_field="base_model")
+    `evaluate.benchmarks.N.…`), and with several nodes, that local benchmark data lies
+    under `shared_paths` (the readers run on any node)."""
+    if spec.evaluate is None:
+        return
+    plan_benchmarks(spec.evaluate.benchmarks, spec.base_model, _evaluation_dir(spec).uri, storage,
+                    field_prefix="evaluate.", model_field="base_model")
+    if nodes > 1:
+        roots = [os.path.abspath(r) for r in spec.shared_paths]
+        for i, bench in enumerate(spec.evaluate.benchmarks):
+            local = "://" not in bench.data or bench.data.startswith("file://")
+            path = os.path.abspath(bench.data.removeprefix("file://"))
+            if local and not any(os.path.commonpath([path, r]) == r for r in roots):
+                raise SpecError(f"evaluate.benchmarks.{i}.data", f"{bench.data!r} is a local path but the cluster has "
+                                f"{nodes} nodes; use s3:// or a folder every node mounts, declared in shared_paths")
 
 
 def _evaluate_spec(spec: Any, model: str, output: Location):
