@@ -205,3 +205,19 @@ def test_benchmark_spec_rules_name_the_field():
     with pytest.raises(ValueError, match="name"):
         bench(name="a b")
     assert yes_no_label(" Yes ") == "yes"
+
+
+def test_set_overrides_reach_into_the_benchmark_list():
+    from pipelines.evaluate.spec import EvaluateSpec
+    from pipelines.specs import SpecError, build_spec
+
+    data = {"model": "m", "output": "o", "benchmarks": [{"name": "a", "data": "x", "kind": "yes_no"},
+                                                        {"name": "b", "data": "y", "kind": "numeric"}]}
+    spec = build_spec(EvaluateSpec, data, ["benchmarks.1.limit=5", "benchmarks.0.data=s3://b/p", "concurrency=[1, 3]"])
+    assert (spec.benchmarks[1].limit, spec.benchmarks[0].data, spec.concurrency) == (5, "s3://b/p", (1, 3))
+    with pytest.raises(SpecError) as err:
+        build_spec(EvaluateSpec, data, ["benchmarks.2.limit=5"])
+    assert err.value.field == "benchmarks" and "list of 2" in str(err.value)
+    with pytest.raises(SpecError) as err:
+        build_spec(EvaluateSpec, {**data, "benchmarks": data["benchmarks"] * 2})
+    assert err.value.field == "benchmarks" and "unique" in str(err.value)
