@@ -1,6 +1,6 @@
 """The evaluate job end to end on the shared local Ray with a tiny TroL: benchmarks and
 outputs on SeaweedFS, a corrupt row, the metrics recounted from the predictions file,
-comparing runs, and fine-tuning that evaluates its result."""
+comparing runs, and fine-tuning that checks its benchmarks first."""
 
 from __future__ import annotations
 
@@ -113,28 +113,12 @@ def test_bad_specs_exit_2_naming_the_field(tiny_model: Path, tmp_path: Path, cap
     assert evaluate([]) == 2
 
 
-def test_finetune_then_evaluate_base_and_trained(tmp_path: Path, tiny_model: Path) -> None:
+def test_finetune_checks_its_benchmarks_before_training(tmp_path: Path, tiny_model: Path) -> None:
+    """The evaluation after training itself is tested with test_finetune's stage-1 run."""
     prepare_digits(str(tmp_path / "digits"), image_size=16, test_fraction=0.5)
-    prepare_digits_choice(str(tmp_path / "choice"), image_size=16, test_fraction=0.5)
-    section = {"benchmarks": [{"name": "digits", "data": str(tmp_path / "choice"), "kind": "multiple_choice",
-                               "limit": 4}], "max_new_tokens": 2, "batch_size": 4}
-    fields = dict(data=str(tmp_path / "digits" / "train"), output=str(tmp_path / "runs"), name="run",
-                  base_model=str(tiny_model), stage="1", workers=1, cpus_per_worker=0.5, batch_size=4, max_steps=2,
-                  checkpoint_every=2, log_every=1, evaluate=section)
-    with pytest.raises(SpecError) as err:  # checked before any training
-        run_finetune(build_spec(FinetuneSpec, {**fields, "evaluate": {**section, "benchmarks": [
-            {**section["benchmarks"][0], "data": str(tmp_path / "absent")}]}}))
-    assert err.value.field == "evaluate.benchmarks.0.data" and not (tmp_path / "runs" / "run" / "model").exists()
-
-    summary = run_finetune(build_spec(FinetuneSpec, fields))
-    run_dir = tmp_path / "runs" / "run"
-    saved = json.loads((run_dir / "training_summary.json").read_text())
-    assert saved["evaluation"] == json.loads(json.dumps(summary["evaluation"], default=str))
-    evaluation = summary["evaluation"]
-    assert evaluation["base"]["model"] == str(tiny_model) and evaluation["trained"]["model"] == summary["model"]
-    for label in ("base", "trained"):
-        counted = evaluation[label]["benchmarks"]["digits"]["overall"]
-        assert counted["count"] == 4 and (run_dir / "evaluation" / label / "metrics.json").is_file()
-        predictions = pq.read_table(run_dir / "evaluation" / label / "predictions.parquet").to_pylist()
-        assert counted["correct"] == sum(p["correct"] for p in predictions)
-    assert "| digits | all | accuracy |" in evaluation["comparison"] and "| base | trained | Δ |" in evaluation["comparison"]
+    spec = build_spec(FinetuneSpec, dict(
+        data=str(tmp_path / "digits" / "train"), output=str(tmp_path / "runs"), name="run", base_model=str(tiny_model),
+        max_steps=2, evaluate={"benchmarks": [{"name": "d", "data": str(tmp_path / "absent"), "kind": "yes_no"}]}))
+    with pytest.raises(SpecError) as err:
+        run_finetune(spec)
+    assert err.value.field == "evaluate.benchmarks.0.data" and not (tmp_path / "runs" / "run").exists()
