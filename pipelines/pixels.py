@@ -27,7 +27,7 @@ def pack_arrays(arrays: list[np.ndarray | None]) -> dict[str, pa.Array]:
     padded = (sizes + _ALIGN - 1) // _ALIGN * _ALIGN
     offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(padded, out=offsets[1:])
-    data = np.empty(int(offsets[-1]), dtype=np.uint8)
+    data = np.zeros(int(offsets[-1]), dtype=np.uint8)  # zeros: the alignment padding is part of what a batch is
     for i, arr in enumerate(arrays):
         if arr is not None and arr.nbytes:
             # The one copy: straight from the processor's array into the shared buffer.

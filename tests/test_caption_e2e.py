@@ -90,7 +90,7 @@ def test_s3_to_s3_two_actors_model_from_s3(tiny_model: Path, s3_env, make_bucket
     before = predictor_actors()
     summary = caption(input=f"s3://{bucket}/data/in/", output=f"s3://{bucket}/data/out", model=model,
                       model_cache_dir=str(cache), storage={"endpoint_url": s3_env.endpoint_url},
-                      actors=2, cpus_per_actor=0.5, batch_size=2)
+                      concurrency=2, cpus_per_actor=0.5, batch_size=2)
     assert (summary["rows_out"], summary["shards_committed"], summary["shards_failed"]) == (24, 4, 0)
     # A pool of two ran. How rows spread over them is Ray's call: with a model this fast the
     # first actor to come up may take most batches, so only the total is exact.

@@ -1,6 +1,9 @@
 """Faults injected into real processes during a caption job: the predictor actor's process
-SIGKILLed, the driver SIGKILLed and the job rerun, the S3 server stopped for ~5 s and
-restarted on the same port, and wrong S3 credentials."""
+SIGKILLed; the driver SIGKILLed and the job rerun, which takes the dead run's lease over by
+itself; the S3 server stopped for ~5 s and restarted on the same port; wrong S3
+credentials; a poison batch that kills its actor every time; a model that cannot load; a
+predictor the cluster can never place (the no-progress watchdog); a lease whose Ray job
+has ended."""
 
 from __future__ import annotations
 
@@ -92,7 +95,8 @@ def test_predictor_process_killed_mid_job(tiny_model: Path, write_shards, tmp_pa
     assert state.actors()[aid]["NumRestarts"] >= 1  # Ray restarted it after the kill
 
 
-def test_driver_killed_then_rerun_equals_a_clean_run(tiny_model: Path, write_shards, tmp_path: Path) -> None:
+def test_driver_killed_then_rerun_takes_over_and_equals_a_clean_run(tiny_model: Path, write_shards,
+                                                                   tmp_path: Path) -> None:
     write_shards(str(tmp_path / "in"), [24] * 8)
     base = {**FAST, "input": str(tmp_path / "in"), "model": str(tiny_model), "batch_size": 4,
             "max_open_shards": 1, "generation": {"max_new_tokens": 6}}
@@ -107,14 +111,16 @@ def test_driver_killed_then_rerun_equals_a_clean_run(tiny_model: Path, write_sha
     driver.wait(30)
     survivors = {p.name: p.read_bytes() for p in committed(out)}
     survivors.update({p.name: p.read_bytes() for p in out.glob("*.parquet") if (out / "_stats" / f"{p.name}.json").exists()})
-    assert 1 <= len(committed(out)) < 8
+    assert 1 <= len(committed(out)) < 8 and (out / "_LEASE.json").exists()  # the dead run's lease is still there
 
-    refused = subprocess.run([sys.executable, "-m", "jobs.caption", str(spec)], cwd=REPO, env=driver_env(),
-                             capture_output=True, text=True, timeout=120)
-    assert refused.returncode == 4 and "in use by run" in refused.stderr and "--force" in refused.stderr
-    rerun = start_driver(spec, "--force", log=tmp_path / "driver2.log")
+    # No --force: the lease's holder is provably dead (its process on this host is gone).
+    rerun = start_driver(spec, "--progress-every", "1", log=tmp_path / "driver2.log")
     status = wait_for_exit(rerun, timeout=300)
-    assert status == 0, (tmp_path / "driver2.log").read_text()[-3000:]
+    log = (tmp_path / "driver2.log").read_text()
+    assert status == 0, log[-3000:]
+    assert f"caption: took over {out}" in log and f"its process {driver.pid} on this host" in log
+    # Both kinds of progress in the job's log: committed shards, and Ray Data's per-stage rows.
+    assert "caption progress:" in log and "MapBatches(CaptionPredictor)" in log and "MapBatches(read_shards)" in log
 
     for name, data in survivors.items():  # committed before the kill: untouched by the rerun
         path = out / name if name.endswith(".parquet") else out / "_stats" / name

@@ -312,7 +312,7 @@ def predictor_with(captioner, for_job: bool = True, prompt_column: str | None = 
 
     pred = CaptionPredictor.__new__(CaptionPredictor)  # the model-loading constructor is not under test
     pred.captioner, pred.prompt, pred.prompt_column, pred.generation = captioner, "p", prompt_column, {}
-    pred.give_up_after, pred.for_job, pred.actor = 1, for_job, "test"
+    pred.give_up_after, pred.for_job, pred.actor, pred.ledger = 1, for_job, "test", None
     return pred
 
 
@@ -356,3 +356,34 @@ def test_captioner_takes_one_prompt_per_image(tiny_model: Path) -> None:
         cap.caption([img], prompts[0], max_new_tokens=5)[0].text for img in images]
     with pytest.raises(ValueError, match="2 prompts for 3 images"):
         cap.caption(images, prompts[:2])
+
+
+def test_death_ledger_blames_only_the_batch_that_was_running() -> None:
+    import shutil
+    import uuid
+
+    from pipelines.caption.predictor import DeathLedger
+
+    actor = f"test-{uuid.uuid4().hex}"
+    first = DeathLedger(actor)
+    try:
+        first.running("queued-then-done")
+        first.finished()
+        first.running("poison")  # ... and the process dies here
+        again = DeathLedger(actor)  # the restarted process
+        assert again.deaths("poison") == 1 and again.deaths("queued-then-done") == 0
+        again.running("poison")
+        assert DeathLedger(actor).deaths("poison") == 2  # counts survive every restart
+    finally:
+        shutil.rmtree(first.folder, ignore_errors=True)
+
+
+def test_a_batch_is_named_by_its_rows_across_retries() -> None:
+    from pipelines.caption.predictor import batch_key
+
+    def batch(rows, value=7):
+        return pa.table({"__shard": pa.array([0] * len(rows), pa.int64()), "__row": pa.array(rows, pa.int64()),
+                         **pack_arrays([np.full((1, 3, 4, 4), value, np.uint8) for _ in rows])})
+
+    assert batch_key(batch([0, 1])) == batch_key(batch([0, 1]))  # the same rows, sent again
+    assert len({batch_key(batch([0, 1])), batch_key(batch([2, 3])), batch_key(batch([0, 1], 8))}) == 3

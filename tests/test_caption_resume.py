@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.caption import commit_shard, plan_caption
-from pipelines.lease import OutputLockedError, release_lease
+from pipelines.caption.lease import OutputLockedError, release_lease
 from pipelines.specs import CaptionSpec, SpecError, build_spec
 
 
@@ -38,7 +38,7 @@ def spec_for(tmp_path: Path, model: Path, **extra) -> CaptionSpec:
 
 
 def captioned(rows: int, errors: set[int] = frozenset()) -> pa.Table:
-    return pa.table({"id": [f"?-{i}" for i in range(rows)], "__row": pa.array(np.arange(rows), pa.int64()),
+    return pa.table({"__row": pa.array(np.arange(rows), pa.int64()),
                      "caption": [None if i in errors else f"caption {i}" for i in range(rows)],
                      "error": pa.array(["bad image" if i in errors else None for i in range(rows)], pa.string()),
                      "num_tokens": pa.array([None if i in errors else 3 for i in range(rows)], pa.int32())})
@@ -93,7 +93,7 @@ def test_retry_errors_plans_only_error_rows_and_merges_them(tmp_path: Path, mode
     assert stats["errors"] == 0 and stats["rows"] == 6 and stats["rows_captioned"] == 2
     out = pq.read_table(tmp_path / "out" / "part-0.parquet")
     assert out.column("caption").to_pylist() == [f"caption {i}" for i in range(6)]
-    assert out.column("id").to_pylist() == [f"?-{i}" for i in range(6)]
+    assert out.column("id").to_pylist() == [f"0-{i}" for i in range(6)]  # ids as the input has them
     assert (tmp_path / "out" / "part-1.parquet").read_bytes() == clean_one  # untouched until its turn
 
 
@@ -121,3 +121,15 @@ def test_a_second_run_is_refused_while_the_first_holds_the_output(tmp_path: Path
     with pytest.raises(OutputLockedError, match="in use by run " + first.run_id):
         plan_caption(spec_for(tmp_path, model))
     assert plan_caption(spec_for(tmp_path, model), force=True).run_id != first.run_id
+
+
+def test_commit_takes_ids_from_the_input_only_if_it_is_unchanged(tmp_path: Path, model: Path) -> None:
+    from pipelines.caption.assembly import AssemblyError
+
+    write_shard(tmp_path / "in", 0, 3)
+    plan = plan_caption(spec_for(tmp_path, model))
+    shard = plan.todo[0]
+    write_shard(tmp_path / "in", 0, 4)  # replaced while the run captioned it
+    with pytest.raises(AssemblyError, match="changed during the run"):
+        commit_shard(plan, shard, captioned(3))
+    assert not (tmp_path / "out" / "part-0.parquet").exists()

@@ -80,12 +80,24 @@ def test_overrides_parse_types_and_nesting(tmp_path: Path) -> None:
         ({"input": "a", "output": "b/*", "model": "m"}, "output", "not a glob"),
         ({"input": "a", "output": "b", "model": "m", "storage": {"endpoint_url": "minio:9000"}},
          "storage.endpoint_url", "http://"),
+        ({"input": "a", "output": "b", "model": "m", "concurrency": [4, 2]}, "concurrency", "1 <= min <= max"),
+        ({"input": "a", "output": "b", "model": "m", "concurrency": 0}, "concurrency", "[min, max]"),
+        ({"input": "a", "output": "b", "model": "m", "actors": 2, "concurrency": 2}, "actors", "older name"),
+        ({"input": "a", "output": "b", "model": "m", "stall_timeout_s": 0}, "stall_timeout_s", "greater than 0"),
     ],
 )
 def test_field_errors_name_the_field(fields: dict, field: str, text: str) -> None:
     with pytest.raises(SpecError) as err:
         spec_of(**fields)
     assert err.value.field == field and text in str(err.value)
+
+
+def test_concurrency_is_a_size_or_a_range_and_actors_its_older_name() -> None:
+    base = {"input": "a", "output": "b", "model": "m"}
+    assert spec_of(**base).concurrency == 1
+    assert spec_of(**base, concurrency=[1, 8]).concurrency == (1, 8)
+    assert spec_of(**base, actors=3).concurrency == 3  # specs written before concurrency keep working
+    assert load_spec(CaptionSpec, REPO / "cluster" / "specs" / "caption_l4.yaml").concurrency == (2, 8)
 
 
 def test_secrets_in_a_spec_are_refused_without_echo() -> None:

@@ -202,8 +202,9 @@ def test_specs_fit_the_node_groups_they_are_sized_for():
     caption = load_spec(CaptionSpec, CLUSTER / "specs" / "caption_l4.yaml")
     node = launcher["caption_l4"]["resources"]
     assert caption.gpus_per_actor <= node["GPU"] and caption.cpus_per_actor < node["CPU"]  # CPUs left to decode
-    assert caption.actors <= launcher["caption_l4"]["max_workers"] * node["GPU"]
-    assert caption.actors <= groups["caption-l4"]["maxReplicas"]
+    most = caption.concurrency if isinstance(caption.concurrency, int) else caption.concurrency[1]
+    assert most <= launcher["caption_l4"]["max_workers"] * node["GPU"]  # the pool's largest size fits the group
+    assert most <= groups["caption-l4"]["maxReplicas"]
 
     finetune = load_spec(FinetuneSpec, CLUSTER / "specs" / "finetune_h100.yaml")
     node = launcher["train_8gpu"]["resources"]

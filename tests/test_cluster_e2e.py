@@ -138,7 +138,7 @@ def test_prepare_finetune_caption_on_a_two_node_cluster(cluster, s3_env, make_bu
     submit(cluster, "e2e-caption", "-m", "jobs.caption", "jobs/examples/caption_s3.yaml",
            "--set", f"input=s3://{bucket}/digits/test", "--set", f"output=s3://{bucket}/captions",
            "--set", f"model=s3://{bucket}/runs/e2e/model", "--set", "id_columns=[id, label]",
-           "--set", "prompt=Describe the image.", "--set", "actors=2", "--set", "gpus_per_actor=0",
+           "--set", "prompt=Describe the image.", "--set", "concurrency=2", "--set", "gpus_per_actor=0",
            "--set", "cpus_per_actor=1", "--set", "dtype=float32", "--set", "batch_size=16",
            "--set", "generation.max_new_tokens=6", "--progress-every", "1")
     caption_logs = wait_succeeded(cluster, "e2e-caption", timeout_s=240)
@@ -190,6 +190,9 @@ def test_prepare_finetune_caption_on_a_two_node_cluster(cluster, s3_env, make_bu
     progress = [line for line in caption_logs.splitlines() if "caption progress:" in line]
     assert len(progress) >= 3 and "rows/s" in progress[-1], caption_logs[-4000:]
     assert "2/2 shards done" in progress[-1]
+    # Ray Data's per-stage progress reaches `ray job logs` beside the job's own lines.
+    stages = [line for line in caption_logs.splitlines() if "MapBatches(CaptionPredictor):" in line]
+    assert stages and any("MapBatches(read_shards):" in line for line in caption_logs.splitlines()), caption_logs[-4000:]
     assert endings["caption"] == f"caption: done; outputs in s3://{bucket}/captions"
 
 

@@ -62,7 +62,7 @@ def build_job_dataset(plan: CaptionPlan, work: list[Shard]) -> Any:
     context.execution_no_progress_timeout_s = spec.stall_timeout_s
     ds = ds.map_batches(
         read_shards, batch_size=1, batch_format="pyarrow", num_cpus=1,
-        compute=ray.data.TaskPoolStrategy(size=spec.max_open_shards),
+        compute=ray.data.TaskPoolStrategy(size=min(spec.max_open_shards, len(work))),
         fn_kwargs=dict(model=plan.model, storage=plan.storage, cache_dir=spec.model_cache_dir,
                        image_column=spec.image_column, batch_rows=spec.batch_size,
                        max_pixels=spec.max_image_pixels, retries=spec.transient_retries))

@@ -9,17 +9,23 @@ what they say about the rows:
   retried with backoff, then given up (`__fatal` in the job, `error` in a user pipeline);
 - a broken device (CUDA error): nothing in this process can use it again, so the process
   exits; Ray restarts the actor (a fresh process) and retries the batch;
-- a batch that kills its process every time (a poison batch): Ray retries it a bounded
-  number of times; the attempt past `give_up_after` captions nothing and marks the batch's
-  rows (`__fatal`: the job fails their shard with this reason; `error` in a user pipeline).
+- a batch that kills its process every time (a poison batch): the actor notes on local
+  disk which batch it is captioning, so its restarted process knows which batch its
+  predecessor died on. A batch that killed it `give_up_after` times is not captioned
+  again: its rows are marked (`__fatal`: the job fails their shard with this reason;
+  `error` in a user pipeline). Batches that were only queued behind it are retried as
+  usual. Ray's own bound on retries (`max_task_retries`) stays as a backstop.
 
 `trol` (and torch) is imported only when an actor starts.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import tempfile
 import time
 from typing import Any, Literal
 
@@ -28,7 +34,7 @@ import pyarrow as pa
 
 from ..images import describe_exception
 from ..models import ModelRef, materialize_model
-from ..pixels import PIXEL_COLUMNS, unpack_arrays
+from ..pixels import PIXEL_COLUMNS, PIXELS, unpack_arrays
 from ..storage import Storage
 
 log = logging.getLogger(__name__)
@@ -55,15 +61,62 @@ class GiveUp(Exception):
     """Infrastructure, not the rows, failed for good: the batch's rows are not captioned."""
 
 
-def task_attempt() -> int | None:
-    """How many times Ray has already run the current task (0 on the first run), or None
-    where Ray does not say. A batch whose actor died is retried as the same task."""
-    try:
-        from ray._private.worker import global_worker
+class DeathLedger:
+    """Which batch (Ray task) this actor's previous processes died captioning, kept in a
+    node-local folder named after the actor (its id survives restarts)."""
 
-        return int(global_worker.core_worker.get_current_task_attempt_number())
-    except Exception:  # noqa: BLE001 - outside Ray, or an API that moved
-        return None
+    def __init__(self, actor_id: str):
+        self.folder = os.path.join(tempfile.gettempdir(), "trol-caption-actors", actor_id)
+        os.makedirs(self.folder, exist_ok=True)
+        self.running_file = os.path.join(self.folder, "running")
+        self.deaths_file = os.path.join(self.folder, "deaths.json")
+        self.counts: dict[str, int] = {}
+        try:
+            with open(self.deaths_file) as f:
+                self.counts = json.load(f)
+        except (OSError, ValueError):
+            pass
+        try:
+            with open(self.running_file) as f:
+                died_on = f.read().strip()
+        except OSError:
+            return
+        if died_on:  # the previous process ended inside this batch
+            self.counts[died_on] = self.counts.get(died_on, 0) + 1
+            with open(self.deaths_file, "w") as f:
+                json.dump(self.counts, f)
+        os.unlink(self.running_file)
+
+    def deaths(self, key: str) -> int:
+        return self.counts.get(key, 0)
+
+    def running(self, key: str) -> None:
+        with open(self.running_file, "w") as f:
+            f.write(key)
+
+    def finished(self) -> None:
+        try:
+            os.unlink(self.running_file)
+        except OSError:
+            pass
+
+
+def batch_key(batch: pa.Table) -> str:
+    """What names a batch across Ray's retries of it: a digest of its rows (the job's row
+    identity where present, and the pixels' sizes and leading and trailing bytes)."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(str(batch.num_rows).encode())
+    for name in ("__shard", "__row"):
+        if name in batch.column_names:
+            digest.update(batch.column(name).to_numpy().tobytes())
+    for chunk in batch.column(PIXELS).chunks:
+        _, offsets, data = chunk.buffers()
+        digest.update(memoryview(offsets)[chunk.offset * 8:(chunk.offset + len(chunk) + 1) * 8])
+        if data is not None:
+            view = memoryview(data)
+            digest.update(view[: 1 << 20])
+            digest.update(view[-(1 << 20):])
+    return digest.hexdigest()
 
 
 class CaptionPredictor:
@@ -92,6 +145,7 @@ class CaptionPredictor:
         self.prompt, self.prompt_column, self.generation = prompt, prompt_column, generation
         self.give_up_after, self.for_job = give_up_after, for_job
         self.actor = _actor_name()
+        self.ledger = DeathLedger(self.actor) if not self.actor.startswith("pid-") else None
 
     def _caption(self, arrays: list[np.ndarray], prompts: list[str]) -> list[tuple[str | None, int | None, str | None]]:
         """(caption, num_tokens, error) per array; raises GiveUp for a single image that
@@ -151,21 +205,29 @@ class CaptionPredictor:
         captions: list[str | None] = [None] * n
         tokens: list[int | None] = [None] * n
         fatal: list[str | None] = [None] * n
-        attempt = task_attempt()
         arrays = unpack_arrays(batch)
         good = [i for i in range(n) if errors[i] is None and arrays[i] is not None]
-        if good and attempt is not None and attempt >= self.give_up_after:
-            why = (f"the predictor's process died {attempt} times while captioning a batch of {len(good)} rows "
-                   "(a poison batch: see the actor's log); its rows were not captioned")
+        ledger = self.ledger
+        key = batch_key(batch) if ledger is not None and good else None
+        deaths = ledger.deaths(key) if key else 0
+        if good and deaths >= self.give_up_after:
+            times = f"{deaths} time{'s' if deaths != 1 else ''}"
+            why = (f"the predictor's process died {times} while captioning a batch of {len(good)} rows "
+                   "(a poison batch: the actor's log has what it did last); its rows were not captioned")
             log.error("%s", why)
             self._give_up(good, why, errors, fatal)
         elif good:
+            if key:
+                ledger.running(key)
             try:
                 results = self._caption([arrays[i] for i in good], [prompts[i] for i in good])
                 for i, (text, ntok, err) in zip(good, results):
                     captions[i], tokens[i], errors[i] = text, ntok, err
             except GiveUp as exc:
                 self._give_up(good, str(exc), errors, fatal)
+            finally:
+                if ledger is not None:
+                    ledger.finished()
         out = batch.drop_columns([c for c in (*PIXEL_COLUMNS, "error") if c in batch.column_names])
         out = out.append_column("caption", pa.array(captions, type=pa.string()))
         out = out.append_column("error", pa.array(errors, type=pa.string()))

@@ -130,6 +130,7 @@ def predictor_stage_args(config: CaptionProcessorConfig, model: ModelRef, storag
     import ray
 
     low, high = config.actor_range
+    last_retry = 2 * (config.transient_retries + 1) + 1
     compute = ray.data.ActorPoolStrategy(size=low) if low == high else ray.data.ActorPoolStrategy(
         min_size=low, max_size=high)
     return dict(
@@ -141,10 +142,12 @@ def predictor_stage_args(config: CaptionProcessorConfig, model: ModelRef, storag
             prompt_column=prompt_column, generation=config.generation.model_dump(),
             give_up_after=config.transient_retries + 1, for_job=for_job),
         # Restartable actors only (an actor that ends dead for good is never replaced, Ray
-        # issue #62746), and a bounded number of runs per batch: the run after
-        # `give_up_after` marks the batch instead of captioning it, so a poison batch
-        # cannot loop forever (Ray's default is to retry without end).
-        max_restarts=-1, max_task_retries=config.transient_retries + 2,
+        # issue #62746). A batch that killed its actor transient_retries + 1 times is marked
+        # instead of captioned (CaptionPredictor's death ledger), so a poison batch cannot
+        # loop forever, as it does under Ray's default of endless retries. Batches queued
+        # behind it die with it as often, so Ray may retry one up to that many times more;
+        # past that, Ray Data drops the batch (and the job fails its shard as incomplete).
+        max_restarts=-1, max_task_retries=last_retry,
     )
 
 

@@ -64,10 +64,13 @@ def describe_abort(exc: BaseException, spec: CaptionSpec) -> BaseException:
     text = "\n".join(str(e) for e in chain)
     if "ExecutionTimeoutError" in names:
         stages = [ln.strip().lstrip("- ") for ln in text.splitlines() if re.match(r"\s+- .+active task", ln)]
+        low, high = (spec.concurrency, spec.concurrency) if isinstance(spec.concurrency, int) else spec.concurrency
+        ask = {"CPU": spec.cpus_per_actor, **({"GPU": spec.gpus_per_actor} if spec.gpus_per_actor else {})}
         return RunAborted(
             f"nothing moved through the pipeline for {spec.stall_timeout_s:.0f} s (stall_timeout_s); stages still "
-            f"waiting: {'; '.join(stages) or 'unknown'}; {cluster_waiting()}. Give the cluster the resources the "
-            "predictor asks for (concurrency × gpus_per_actor / cpus_per_actor), or raise stall_timeout_s if the "
+            f"waiting: {'; '.join(stages) or 'unknown'}; the predictor pool asks for {low}"
+            f"{f' to {high}' if high != low else ''} × {ask}; {cluster_waiting()}. Give the cluster what the "
+            "predictor asks for (concurrency, cpus_per_actor, gpus_per_actor), or raise stall_timeout_s if the "
             "model's first load takes longer")
     if any(marker in text for marker in ("__init__", "creation task", "ActorDiedError")) and (
             "CaptionPredictor" in text or "MapWorker" in text):
