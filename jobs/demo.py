@@ -2,7 +2,7 @@
 
 1. Once (then cached): prepare scikit-learn's digits as Parquet shards (captions, and each
    training image also as a 10-way multiple-choice question), and fine-tune a tiny random
-   TroL on them with Ray Train (2 CPU workers, DDP) — about four minutes.
+   TroL on them with Ray Train (2 CPU workers, DDP) — about eight minutes.
 2. Build input shards: scikit-image's sample photos and held-out handwritten digits.
 3. Run the caption job (shard readers, predictor actor, on Ray) on them and print the captions.
 4. Evaluate the untrained and the fine-tuned model on the held-out digits as 10-way
@@ -49,7 +49,7 @@ def trained_model() -> Path:
         prepare(["digits", "--output", str(OUT / "digits"), "--image-size", "32", "--overwrite", "--choice-rows"])
     if not (OUT / "tiny-untrained" / "config.json").is_file():
         tiny([str(OUT / "tiny-untrained")])
-    print("demo: fine-tuning a tiny TroL on digits (first run only, ~4 min)", flush=True)
+    print("demo: fine-tuning a tiny TroL on digits (first run only, ~8 min)", flush=True)
     if finetune([str(FINETUNE_SPEC)]) != 0:
         raise SystemExit("demo: fine-tuning failed")
     return model
