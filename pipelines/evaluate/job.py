@@ -70,6 +70,9 @@ def generate_replies(plan: EvaluationPlan, spec: EvaluateSpec) -> list[dict[str,
         return []
     answer = build_caption_processor(processor_config(spec))
     ds = ray.data.from_items([{"task": i} for i in range(len(plan.tasks))], override_num_blocks=len(plan.tasks))
+    context = ds.context  # this dataset's own copy; Ray's global DataContext is left alone
+    context.max_errored_blocks = -1  # a lost batch fails its shard (score_replies checks the counts), not the run
+    context.execution_no_progress_timeout_s = spec.stall_timeout_s
     ds = ds.map_batches(read_questions, batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS,
                         fn_kwargs=dict(tasks=plan.tasks, benchmarks=plan.benchmarks, storage=plan.storage))
     ds = answer(ds).select_columns([*ASKED_COLUMNS, SHARD_COLUMN, ROW_COLUMN, SHARD_FAILED, *REPLY_COLUMNS])
@@ -81,8 +84,13 @@ def generate_replies(plan: EvaluationPlan, spec: EvaluateSpec) -> list[dict[str,
 
 def run_planned(plan: EvaluationPlan, spec: EvaluateSpec) -> dict[str, Any]:
     """Generate, score, write; returns metrics.json's content."""
+    from ..caption.watchdog import describe_abort
+
     started = time.time()
-    replies = generate_replies(plan, spec)
+    try:
+        replies = generate_replies(plan, spec)
+    except Exception as exc:  # the model cannot load, nothing moves, …: say why in words
+        raise describe_abort(exc, spec) from exc
     predictions, failed = score_replies(plan.benchmarks, replies, reply_column="caption", shard_column=SHARD_COLUMN,
                                         row_column=ROW_COLUMN, failed_column=SHARD_FAILED,
                                         expected={t.uri: t.rows for t in plan.tasks})

@@ -28,6 +28,9 @@ class EvaluateSpec(_Spec):
     quantize: Literal[4, 8] | None = Field(None, description="4 or 8: bitsandbytes LLM weights (CUDA GPUs)")
     max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="larger images become row errors")
     model_cache_dir: str | None = Field(None, description="where s3:// or released models are cached per node")
+    stall_timeout_s: float = Field(
+        1800.0, gt=0.0, description="no-progress watchdog: when nothing moves through the pipeline this long (e.g. "
+        "actors wait for GPUs the cluster never offers), the run ends (exit 3) saying what it waited for")
     storage: StorageSpec = Field(default_factory=StorageSpec)
 
     @field_validator("concurrency", mode="before")
