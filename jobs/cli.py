@@ -17,6 +17,7 @@ import sys
 COMMANDS = {
     "caption": ("jobs.caption", "jobs.caption"),
     "finetune": ("jobs.finetune", "jobs.finetune"),
+    "evaluate": ("jobs.evaluate", "jobs.evaluate"),
     "prepare": ("jobs.prepare", "jobs.prepare"),
     "demo": ("jobs.demo", "jobs.demo"),
     "convert": ("trol.convert.__main__", "trol.convert.__main__"),

@@ -1,11 +1,14 @@
-"""Run the product end to end on this machine: fine-tune a tiny TroL on digits, then caption photos and held-out digits.
+"""Run the product end to end on this machine: fine-tune a tiny TroL on digits, caption photos and held-out digits, and score it.
 
 `make demo` runs it; each stage prints its title, its own lines and its time:
-1. prepare: scikit-learn's digits as Parquet shards, and a tiny random TroL (first run only).
+1. prepare: scikit-learn's digits as Parquet shards (captions, and each training image also
+   as a 10-way multiple-choice question), and a tiny random TroL (first run only).
 2. fine-tune: the tiny TroL on digits with Ray Train, 2 CPU workers, DDP (first run only,
-   about three minutes; later runs reuse the model).
+   about eight minutes; later runs reuse the model).
 3. caption: the caption job on scikit-image's sample photos and held-out digits.
 4. score: a table of sample captions and the held-out accuracy.
+5. evaluate: the untrained and the fine-tuned model on the held-out digits as 10-way
+   multiple choice (`python -m jobs.evaluate`), side by side.
 Everything runs on one private local Ray, started by the first stage that needs it. A new
 stage is a function taking the `Demo` and a line in STAGES.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import glob
 import io
+import json
 import os
 import sys
 import time
@@ -30,7 +34,7 @@ from PIL import Image
 EXAMPLES = Path(__file__).parent / "examples"
 FINETUNE_SPEC = EXAMPLES / "finetune_digits.yaml"
 SAMPLES = ["astronaut", "camera", "cat", "coffee", "chelsea", "rocket", "coins", "horse", "page"]
-DEFAULT_STEPS = 600  # the example spec's max_steps
+DEFAULT_STEPS = 800  # the example spec's max_steps
 STEP_LINES = 12  # training lines the demo shows, whatever the step count
 
 
@@ -41,6 +45,7 @@ class Demo:
     out: Path
     steps: int = DEFAULT_STEPS
     digits: int = 60
+    questions: int | None = None  # held-out multiple-choice questions scored; None: all
     address: str | None = None
     labels: dict[str, int] = field(default_factory=dict)  # held-out digit id -> label
     rows: list[dict] = field(default_factory=list)  # caption output rows
@@ -61,20 +66,38 @@ def prepare(demo: Demo) -> None:
     from jobs.prepare import main as prepare_digits
     from trol.tiny import main as tiny
 
-    if (demo.out / "digits" / "_SUMMARY.json").is_file():
+    summary = demo.out / "digits" / "_SUMMARY.json"
+    if summary.is_file() and json.loads(summary.read_text())["options"].get("choice_rows"):
         print(f"  digits already in {demo.out / 'digits'}")
-    elif prepare_digits(["digits", "--output", str(demo.out / "digits"), "--image-size", "32", "--overwrite"]) != 0:
-        raise SystemExit("demo: preparing digits failed")
+    else:  # without the multiple-choice rows the model answers that benchmark at chance
+        argv = ["digits", "--output", str(demo.out / "digits"), "--image-size", "32", "--overwrite", "--choice-rows"]
+        if prepare_digits(argv) != 0:
+            raise SystemExit("demo: preparing digits failed")
     if not (demo.out / "tiny-untrained" / "config.json").is_file():
         tiny([str(demo.out / "tiny-untrained")])
     demo.outputs["training data"] = demo.out / "digits"
+
+
+def _trained_with_choice_rows(run: Path) -> bool:
+    """A model cached by an earlier demo, trained on captions only, is trained again."""
+    import shutil
+
+    try:
+        spec = json.loads((run / "_SPEC.json").read_text())
+        prepared = json.loads((Path(spec["data"]).parent / "_SUMMARY.json").read_text())
+        if prepared["options"].get("choice_rows"):
+            return True
+    except (OSError, KeyError, ValueError):
+        pass
+    shutil.rmtree(run, ignore_errors=True)
+    return False
 
 
 def finetune(demo: Demo) -> None:
     from jobs.finetune import main as finetune_job
 
     demo.outputs["fine-tuned model"] = demo.model
-    if (demo.model / "config.json").is_file():
+    if (demo.model / "config.json").is_file() and _trained_with_choice_rows(demo.model.parent):
         print(f"  reusing {demo.model} (delete {demo.out / 'runs'} to train again)")
         return
     out = demo.out
@@ -144,11 +167,48 @@ def score(demo: Demo) -> None:
     print("  (the model learned digits only: photos get digit-like, or empty, captions)")
 
 
+def evaluate(demo: Demo) -> None:
+    """The untrained and the fine-tuned model on the held-out digits as 10-way multiple
+    choice (`jobs/examples/evaluate_digits.yaml`), side by side; each accuracy is checked
+    against a recount of its predictions file."""
+    from jobs.evaluate import main as evaluate_job
+    from jobs.prepare import main as prepare
+    from pipelines.evaluate.report import compare_table
+
+    bench = demo.out / "digits-choice"
+    if not (bench / "_SUMMARY.json").is_file():
+        if prepare(["eval-digits", "--output", str(bench), "--image-size", "32", "--overwrite"]) != 0:
+            raise SystemExit("demo: preparing the multiple-choice digits failed")
+    runs, recounts = {}, []
+    for label, model in (("untrained", demo.out / "tiny-untrained"), ("fine-tuned", demo.model)):
+        out = demo.out / "eval" / label
+        argv = [str(EXAMPLES / "evaluate_digits.yaml"), "--set", f"model={model}", "--set", f"output={out}",
+                "--set", f"benchmarks.0.data={bench}"]
+        if demo.questions:
+            argv += ["--set", f"benchmarks.0.limit={demo.questions}"]
+        if demo.address:
+            argv += ["--address", demo.address]
+        if evaluate_job(argv) != 0:
+            raise SystemExit(f"demo: evaluating the {label} model failed")
+        runs[label] = json.loads((out / "metrics.json").read_text())
+        correct = pq.read_table(out / "predictions.parquet").column("correct").to_pylist()
+        overall = runs[label]["benchmarks"]["digits"]["overall"]
+        if (overall["correct"], overall["count"]) != (sum(correct), len(correct)):
+            raise SystemExit(f"demo: {label}: metrics.json says {overall['correct']}/{overall['count']}, "
+                             f"predictions.parquet {sum(correct)}/{len(correct)}")
+        recounts.append(f"{label} {sum(correct)}/{len(correct)}")
+        demo.outputs[f"{label} eval"] = out
+    table = compare_table(runs["fine-tuned"], runs["untrained"], this_label="fine-tuned", other_label="untrained")
+    print("  " + table.rstrip("\n").replace("\n", "\n  "))
+    print(f"  (recounted from predictions.parquet: {', '.join(recounts)})")
+
+
 STAGES: list[tuple[str, Callable[[Demo], None]]] = [
     ("prepare digits and a tiny untrained TroL", prepare),
     ("fine-tune it on digits (Ray Train, 2 CPU workers)", finetune),
     ("caption sample photos and held-out digits (Ray)", caption),
     ("score the captions", score),
+    ("evaluate the untrained and the fine-tuned model: held-out digits as multiple choice (Ray)", evaluate),
 ]
 
 
@@ -172,11 +232,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder for everything the demo makes (default %(default)s)")
     parser.add_argument("--max-steps", type=int, default=DEFAULT_STEPS, help="fine-tuning steps (default %(default)s)")
     parser.add_argument("--digits", type=int, default=60, help="held-out digits to caption (default %(default)s)")
+    parser.add_argument("--questions", type=int, default=None,
+                        help="held-out multiple-choice questions to score (default: all)")
     add_ray_arguments(parser)
     args = parser.parse_args(argv)
     # A log, not a terminal: no progress bars for 150k-parameter saves and loads.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    run(Demo(Path(args.output), steps=args.max_steps, digits=args.digits, address=args.address))
+    run(Demo(Path(args.output), steps=args.max_steps, digits=args.digits, questions=args.questions,
+             address=args.address))
     return 0
 
 

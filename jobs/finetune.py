@@ -4,7 +4,9 @@
     ray job submit --working-dir . -- python -m jobs.finetune SPEC.yaml
 
 Rerunning the same spec (same output + name) resumes from its last checkpoint.
-Exit status: 0 trained, 1 training failed, 2 bad spec.
+Exit status: 0 trained (and evaluated, with an `evaluate:` section), 1 training or the
+evaluation at its end failed (a trained model stays saved; a rerun redoes the evaluation),
+2 bad spec.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pipelines.evaluate.after_training import format_evaluation
     from pipelines.finetune import format_finetune_summary, run_finetune
     from pipelines.storage import parse_uri
 
@@ -33,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"finetune: spec error: {exc}", file=sys.stderr)
         return 2
     print(format_finetune_summary(summary), flush=True)
+    if summary.get("evaluation"):
+        print(format_evaluation(summary), flush=True)
     run_dir = parse_uri(spec.output).join(spec.name).uri
     mlflow = spec.tracking.mlflow
     tracked = [name for name, on in (("mlruns/", mlflow is not None and not mlflow.tracking_uri),

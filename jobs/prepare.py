@@ -1,9 +1,16 @@
-"""Build fine-tuning Parquet shards from scikit-learn's digits or LLaVA-style JSON and images.
+"""Build Parquet shards for fine-tuning (scikit-learn's digits, LLaVA-style JSON) and for benchmarks.
 
     python -m jobs.prepare digits --output DIR_OR_S3 [--shard-rows N] [--image-size 64]
-                                  [--test-fraction 0.2] [--seed 0] [--resample nearest]
+                                  [--test-fraction 0.2] [--seed 0] [--resample nearest] [--choice-rows]
     python -m jobs.prepare llava --json FILE.json|.jsonl --images IMAGE_DIR
                                  --output DIR_OR_S3 [--shard-rows N]
+
+Benchmark sets for `python -m jobs.evaluate` (shards with image bytes):
+
+    python -m jobs.prepare eval-mmbench --tsv FILE.tsv --output DIR_OR_S3
+    python -m jobs.prepare eval-yes-no --json FILE.json|.jsonl --images IMAGE_DIR --output DIR_OR_S3 [--category C]
+    python -m jobs.prepare eval-llava --json FILE.json|.jsonl --images IMAGE_DIR --output DIR_OR_S3 [--category C]
+    python -m jobs.prepare eval-digits --output DIR_OR_S3 [--image-size 64] [--test-fraction 0.2] [--seed 0]
 
 Exit status: 0 on success, 2 for bad arguments or input that yields no rows.
 """
@@ -24,7 +31,10 @@ from pipelines.prepare import (
     PrepareError,
 )
 from pipelines.prepare_digits import prepare_digits
+from pipelines.prepare_eval import prepare_digits_choice, prepare_llava_questions, prepare_mmbench, prepare_yes_no
 from pipelines.prepare_llava import prepare_llava
+
+EVAL_COMMANDS = ("eval-mmbench", "eval-yes-no", "eval-llava", "eval-digits")
 
 
 def _positive_int(text: str) -> int:
@@ -45,7 +55,7 @@ def _prog() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=_prog(), description=summary(__doc__))
-    sub = parser.add_subparsers(dest="dataset", required=True, metavar="{digits,llava}")
+    sub = parser.add_subparsers(dest="dataset", required=True, metavar="{digits,llava," + ",".join(EVAL_COMMANDS) + "}")
 
     digits = sub.add_parser("digits", help="scikit-learn's bundled digits -> train/ and test/ shards")
     digits.add_argument("--output", required=True, help="local folder or s3://bucket/prefix")
@@ -63,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--resample", choices=("nearest", "bilinear"), default="nearest", help="upscaling filter (default %(default)s)"
     )
     digits.add_argument("--overwrite", action="store_true", help="replace shards already in --output")
+    digits.add_argument("--choice-rows", action="store_true",
+                        help="also ask each training image as eval-digits' 10-way multiple choice (letter answers)")
 
     llava = sub.add_parser("llava", help="LLaVA-style JSON/JSONL + image folder -> shards")
     llava.add_argument("--json", required=True, dest="json_path", metavar="FILE", help="records: a JSON array or JSON lines")
@@ -75,7 +87,46 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=_positive_int, default=None, help="threads reading and checking images (default: CPUs, at most 8)"
     )
     llava.add_argument("--overwrite", action="store_true", help="replace shards already in --output")
+    _add_eval_commands(sub)
     return parser
+
+
+def _add_eval_commands(sub: argparse._SubParsersAction) -> None:
+    def common(p: argparse.ArgumentParser, shard_rows: int = DEFAULT_LLAVA_SHARD_ROWS) -> None:
+        p.add_argument("--output", required=True, help="local folder or s3://bucket/prefix")
+        p.add_argument("--shard-rows", type=_positive_int, default=shard_rows, help="rows per shard (default %(default)s)")
+        p.add_argument("--overwrite", action="store_true", help="replace shards already in --output")
+
+    mmbench = sub.add_parser("eval-mmbench", help="benchmark: MMBench-style TSV (base64 images, options A-F) -> shards")
+    mmbench.add_argument("--tsv", required=True, metavar="FILE", help="index, question, hint, A..F, answer, category, image")
+    common(mmbench)
+    for name, what in (("eval-yes-no", "yes/no questions, POPE/MME style"), ("eval-llava", "LLaVA-style questions")):
+        p = sub.add_parser(name, help=f"benchmark: {what} (JSON array or JSON lines) + image folder -> shards")
+        p.add_argument("--json", required=True, dest="json_path", metavar="FILE", help="records: a JSON array or JSON lines")
+        p.add_argument("--images", required=True, metavar="DIR", help="folder the records' 'image' paths are relative to")
+        p.add_argument("--category", default=None, help="category of records that name none (e.g. POPE's adversarial)")
+        p.add_argument("--workers", type=_positive_int, default=None, help="threads reading images (default: CPUs, max 8)")
+        common(p)
+    digits = sub.add_parser("eval-digits", help="benchmark: the held-out digits as 10-way multiple choice -> shards")
+    digits.add_argument("--image-size", type=_positive_int, default=DEFAULT_IMAGE_SIZE,
+                        help="square side in pixels; match the training shards (default %(default)s)")
+    digits.add_argument("--test-fraction", type=float, default=DEFAULT_TEST_FRACTION,
+                        help="held-out share, as given to `prepare digits` (default %(default)s)")
+    digits.add_argument("--seed", type=int, default=0, help="split seed, as given to `prepare digits` (default %(default)s)")
+    digits.add_argument("--resample", choices=("nearest", "bilinear"), default="nearest", help="upscaling filter")
+    common(digits, shard_rows=512)
+
+
+def _run_eval_command(args: argparse.Namespace):
+    if args.dataset == "eval-mmbench":
+        return prepare_mmbench(args.tsv, args.output, shard_rows=args.shard_rows, overwrite=args.overwrite)
+    if args.dataset == "eval-digits":
+        return prepare_digits_choice(args.output, image_size=args.image_size, test_fraction=args.test_fraction,
+                                     seed=args.seed, resample=args.resample, shard_rows=args.shard_rows,
+                                     overwrite=args.overwrite)
+    prepare = prepare_yes_no if args.dataset == "eval-yes-no" else prepare_llava_questions
+    return prepare(args.json_path, args.images, args.output, shard_rows=args.shard_rows, overwrite=args.overwrite,
+                   workers=args.workers, category=args.category)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.WARNING, format="%(message)s")
         logging.getLogger("pipelines").setLevel(logging.INFO)
     try:
-        if args.dataset == "digits":
+        if args.dataset in EVAL_COMMANDS:
+            summary = _run_eval_command(args)
+        elif args.dataset == "digits":
             summary = prepare_digits(
                 args.output,
                 shard_rows=args.shard_rows,
@@ -99,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                 seed=args.seed,
                 resample=args.resample,
                 overwrite=args.overwrite,
+                choice_rows=args.choice_rows,
             )
         else:
             summary = prepare_llava(

@@ -20,6 +20,7 @@ from typing import Any
 
 from .specs import FinetuneSpec, SpecError
 
+from .evaluate.after_training import check_evaluation, evaluate_after_training
 from .models import resolve_model_ref
 from .shards import find_shards
 from .stall import BoardReader, StageBoard, StallWatch
@@ -130,7 +131,9 @@ def run_finetune(spec: FinetuneSpec, hooks: list | None = None,
         raise SpecError("base_model", str(exc)) from None
     train = _check_data(spec.data, "data", spec, storage)
     evaluation = _check_data(spec.eval_data, "eval_data", spec, storage) if spec.eval_data else None
-    check_nodes(spec, cluster_node_count(), base_model_is_local=ref.kind == "local")
+    nodes = cluster_node_count()
+    check_nodes(spec, nodes, base_model_is_local=ref.kind == "local")
+    check_evaluation(spec, storage, nodes)
     run_dir = parse_uri(spec.output).join(spec.name)
     _record_spec(spec, storage, run_dir)
     total_steps = plan_steps(spec, train.rows)
@@ -180,6 +183,8 @@ def run_finetune(spec: FinetuneSpec, hooks: list | None = None,
     # The summary comes back through Ray (rank 0's last report): no shared disk needed.
     summary = dict(result.metrics["summary"])
     summary["wall_seconds"] = round(time.perf_counter() - started, 1)
+    if spec.evaluate is not None:
+        summary = evaluate_after_training(spec, summary, storage)
     return summary
 
 

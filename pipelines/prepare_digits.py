@@ -20,6 +20,7 @@ from .prepare import (
     DIGITS_SCHEMA,
     DIGIT_PROMPT,
     DIGIT_WORDS,
+    IMAGE_TOKEN,
     PrepareError,
     PrepareSummary,
     Resample,
@@ -57,6 +58,16 @@ def parse_digit(text: str) -> int | None:
     return found.pop() if len(found) == 1 else None
 
 
+def _choice_row(row: dict) -> dict:
+    """The same image asked as `prepare eval-digits` asks it, answered with the letter."""
+    from .evaluate.choices import LETTERS, build_choice_prompt
+    from .prepare_eval import DIGIT_QUESTION
+
+    prompt = f"{IMAGE_TOKEN}\n{build_choice_prompt(DIGIT_QUESTION, list(DIGIT_WORDS))}"
+    return {**row, "id": f"{row['id']}-choice", "conversations": [
+        {"role": "user", "content": prompt}, {"role": "assistant", "content": LETTERS[row["label"]]}]}
+
+
 def render_digit(pixels: np.ndarray, image_size: int = DEFAULT_IMAGE_SIZE, resample: Resample = "nearest") -> bytes:
     """One 8x8 digit (values 0..16, 16 = full ink) -> PNG bytes of an RGB square.
 
@@ -91,11 +102,15 @@ def prepare_digits(
     seed: int = 0,
     resample: Resample = "nearest",
     overwrite: bool = False,
+    choice_rows: bool = False,
 ) -> PrepareSummary:
     """scikit-learn's 1797 digits -> OUTPUT/train/ and OUTPUT/test/ shards (+ _SUMMARY.json).
 
     Ids are "digits-NNNN" after the row in scikit-learn's array, so they are stable across
-    seeds. Rows within each split are in the split's shuffled order.
+    seeds. Rows within each split are in the split's shuffled order. With `choice_rows`,
+    each training image also gets a row "digits-NNNN-choice" that asks the 10-way
+    multiple-choice question of `prepare eval-digits` and answers with the letter: a model
+    trained only to describe digits does not follow that format (measured: chance level).
     """
     started = time.perf_counter()
     from sklearn.datasets import load_digits
@@ -131,6 +146,7 @@ def prepare_digits(
             "seed": seed,
             "resample": resample,
             "shard_rows": shard_rows,
+            "choice_rows": choice_rows,
         },
     )
     train, test = split_digits(labels, test_fraction, seed)
@@ -150,6 +166,8 @@ def prepare_digits(
                 ],
             }
             sink.add(row, len(png))
+            if choice_rows and split == "train":
+                sink.add(_choice_row(row), len(png))
         sink.flush()
         summary.shards.extend(sink.shards)
     summary.records_read = len(labels)

@@ -39,7 +39,7 @@ _LOAD_CHUNK = 256
 # --- LLaVA-style JSON ----------------------------------------------------------------------
 
 
-def _iter_json_records(json_path: Path) -> Iterator[tuple[str, Any]]:
+def iter_json_records(json_path: Path) -> Iterator[tuple[str, Any]]:
     """Yield (where, record-or-InvalidRecord). A JSON array is loaded whole (it cannot be
     parsed partially); anything else is read as JSON lines, one bad line never stopping
     the rest. The format is sniffed from the content, as many .json files are JSON lines."""
@@ -94,7 +94,7 @@ def _parse_llava_record(record: Any) -> tuple[str, str | None, list[dict[str, st
     return str(rid), image, turns
 
 
-def _check_image_bytes(data: bytes) -> None:
+def check_image_bytes(data: bytes) -> None:
     """Decode the image once so a corrupt file is reported now, not mid-training."""
     with Image.open(io.BytesIO(data)) as img:
         if img.format == "JPEG":
@@ -104,7 +104,7 @@ def _check_image_bytes(data: bytes) -> None:
         img.load()
 
 
-def _load_image(root: Path, rel: str) -> tuple[bytes | None, str | None]:
+def load_image_file(root: Path, rel: str) -> tuple[bytes | None, str | None]:
     """(original encoded bytes, None) or (None, reason). Never raises for a bad file."""
     if os.path.isabs(rel):
         return None, "absolute path; 'image' must be relative to --images"
@@ -124,7 +124,7 @@ def _load_image(root: Path, rel: str) -> tuple[bytes | None, str | None]:
     if not data:
         return None, "empty file"
     try:
-        _check_image_bytes(data)
+        check_image_bytes(data)
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, bomb errors, ...)
         return None, f"cannot decode ({type(exc).__name__}: {exc})"
     return data, None
@@ -171,7 +171,7 @@ def prepare_llava(
     def write_chunk(chunk: list[tuple[str, str, str | None, list[dict[str, str]]]], pool: ThreadPoolExecutor) -> None:
         # Reading and decoding run in threads (file I/O and PIL release the GIL); results
         # come back in input order, so rows stay in the order of the JSON file.
-        loaded = pool.map(lambda c: _load_image(root, c[2]) if c[2] and root else (None, None), chunk)
+        loaded = pool.map(lambda c: load_image_file(root, c[2]) if c[2] and root else (None, None), chunk)
         for (where, rid, rel, turns), (data, problem) in zip(chunk, loaded):
             if rel is not None and root is None:
                 problem = "record names an image but no --images folder was given"
@@ -185,7 +185,7 @@ def prepare_llava(
 
     chunk: list[tuple[str, str, str | None, list[dict[str, str]]]] = []
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for where, record in _iter_json_records(json_file):
+        for where, record in iter_json_records(json_file):
             summary.records_read += 1
             try:
                 if isinstance(record, InvalidRecord):

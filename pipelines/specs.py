@@ -15,6 +15,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .evaluate.benchmark_spec import EvaluateAfterTraining
 from .images import DEFAULT_MAX_PIXELS
 
 # Keys that look like credentials: rejected with a pointer to the AWS variables, and their
@@ -267,6 +268,9 @@ class FinetuneSpec(_Spec):
     shared_paths: list[str] = Field(default_factory=list, description="local folders every node mounts (NFS, …); "
                                     "with several nodes, local output/data/base_model must lie under one")
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    # --- benchmarks at the end (issue 16) ---
+    evaluate: EvaluateAfterTraining | None = Field(
+        None, description="benchmarks scored for the trained (and base) model; metrics join training_summary.json")
 
     @field_validator("quantize")
     @classmethod
@@ -303,19 +307,30 @@ S = TypeVar("S", bound=BaseModel)
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """`a.b=value` sets data["a"]["b"]; the value is parsed as YAML (8 → int, [x, y] → list)."""
+    """`a.b=value` sets data["a"]["b"]; a number picks a list item (`benchmarks.0.data=…`);
+    the value is parsed as YAML (8 → int, [x, y] → list)."""
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise SpecError("--set", f"{item!r} is not key=value (example: --set generation.max_new_tokens=16)")
         parts = key.strip().split(".")
-        node = data
-        for i, part in enumerate(parts[:-1]):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise SpecError(".".join(parts[: i + 1]), f"is not a section, cannot set {key!r}")
-            node = child
-        node[parts[-1]] = _parse_value(raw)
+        node: Any = data
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise SpecError(".".join(parts[:i]), f"is a list of {len(node)}; {part!r} is not an index of it")
+                if last:
+                    node[int(part)] = _parse_value(raw)
+                else:
+                    node = node[int(part)]
+                continue
+            if not isinstance(node, dict):
+                raise SpecError(".".join(parts[:i]), f"is not a section, cannot set {key!r}")
+            if last:
+                node[part] = _parse_value(raw)
+            else:
+                node = node.setdefault(part, {})
     return data
 
 

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs.specs import CaptionSpec, FinetuneSpec, load_spec
+from jobs.specs import CaptionSpec, EvaluateSpec, FinetuneSpec, load_spec
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER = REPO / "cluster"
 LAUNCHER = CLUSTER / "aws" / "trol-ray.yaml"
-SPEC_CLASSES = {"caption": CaptionSpec, "finetune": FinetuneSpec}
+SPEC_CLASSES = {"caption": CaptionSpec, "finetune": FinetuneSpec, "evaluate": EvaluateSpec}
 CREDENTIAL_VARS = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"}
 
 
@@ -190,7 +190,7 @@ SPEC_FILES = sorted([*(REPO / "jobs" / "examples").glob("*.yaml"), *(CLUSTER / "
 @pytest.mark.parametrize("path", SPEC_FILES, ids=lambda p: str(p.relative_to(REPO)))
 def test_every_example_spec_validates(path):
     kind = path.name.split("_")[0]
-    assert kind in SPEC_CLASSES, f"{path.name}: name it caption_*.yaml or finetune_*.yaml"
+    assert kind in SPEC_CLASSES, f"{path.name}: name it caption_*.yaml, finetune_*.yaml or evaluate_*.yaml"
     load_spec(SPEC_CLASSES[kind], path)
 
 

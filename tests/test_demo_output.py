@@ -49,7 +49,8 @@ def test_demo_output_is_clean_while_another_local_job_runs(tmp_path: Path, tiny_
     write_shards(str(tmp_path / "shards"), [6])
     started = time.perf_counter()
     demo_log, caption_log = tmp_path / "demo.log", tmp_path / "caption.log"
-    demo = start(["jobs.demo", "--output", str(tmp_path / "demo"), "--max-steps", "4", "--digits", "4"], demo_log)
+    demo = start(["jobs.demo", "--output", str(tmp_path / "demo"), "--max-steps", "4", "--digits", "4",
+                   "--questions", "6"], demo_log)
     caption = start(["jobs.caption", str(REPO / "jobs" / "examples" / "caption_local.yaml"),
                      "--set", f"input={tmp_path / 'shards'}", "--set", f"output={tmp_path / 'captions'}",
                      "--set", f"model={tiny_model}", "--set", "generation.max_new_tokens=4"], caption_log)
@@ -75,13 +76,16 @@ def test_demo_output_is_clean_while_another_local_job_runs(tmp_path: Path, tiny_
     assert not [line for line in lines if "Traceback" in line or "TrainingReport" in line]
     for step in range(1, 5):
         assert sum(1 for line in lines if re.search(rf"\bstep {step}/4 loss ", line)) == 1, f"step {step}"
-    for i in range(1, 5):
-        assert re.search(rf"^\[{i}/4\] done in \d+\.\d s$", plain, re.M), f"stage {i} has no time"
+    for i in range(1, 6):
+        assert re.search(rf"^\[{i}/5\] done in \d+\.\d s$", plain, re.M), f"stage {i} has no time"
     assert "finetune: running on a private local Ray" in plain
     table = plain[plain.index("  image "):]
     for name in ("astronaut", "camera", "digit-000"):
         assert re.search(rf"^  {name}\s+\S", table, re.M), name
     assert re.search(r"held-out digits captioned correctly: \d/4 \(\d+%\)", plain)
+    # the evaluation stage: both models side by side, each accuracy recounted from its predictions
+    assert re.search(r"recounted from predictions\.parquet: untrained \d/6, fine-tuned \d/6", plain)
+    assert "fine-tuned" in plain[plain.index("[5/5]"):] and "untrained" in plain[plain.index("[5/5]"):]
     outputs = plain[plain.index("outputs:"):].splitlines()[1:]
-    assert {line.split()[0] for line in outputs} >= {"fine-tuned", "captions"}
+    assert {line.split()[0] for line in outputs} >= {"fine-tuned", "captions", "untrained"}
     assert all(Path(line.split()[-1]).exists() for line in outputs)

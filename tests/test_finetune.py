@@ -71,8 +71,13 @@ def test_a_tiny_trol_learns_digits_on_two_ddp_workers(tmp_path, digits, tiny_mod
     assert accuracy >= 0.9
 
 
-def test_stage1_trains_only_projector_and_mixers(tmp_path, digits, tiny_model):
-    summary = run_finetune(spec_for(tmp_path, digits, tiny_model, stage="1", lr=1e-2))
+def test_stage1_trains_only_projector_and_mixers_then_evaluates(tmp_path, digits, tiny_model):
+    from pipelines.prepare_eval import prepare_digits_choice
+
+    prepare_digits_choice(str(tmp_path / "choice"), image_size=32)
+    benchmark = {"name": "digits", "data": str(tmp_path / "choice"), "kind": "multiple_choice", "limit": 4}
+    summary = run_finetune(spec_for(tmp_path, digits, tiny_model, stage="1", lr=1e-2, evaluate={
+        "benchmarks": [benchmark], "max_new_tokens": 2, "batch_size": 4}))
     before, after = weights(tiny_model), weights(Path(summary["model"]))
     assert before.keys() == after.keys()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -80,6 +85,17 @@ def test_stage1_trains_only_projector_and_mixers(tmp_path, digits, tiny_model):
     assert changed == trainable
     assert summary["steps"] == 4 and len(summary["history"]) == 4
     assert summary["tokens_seen"] > 4 * 8 * 20 and summary["mean_tokens_per_s"] > 0
+
+    # The evaluate: section: base and trained model scored, both in training_summary.json.
+    run_dir = tmp_path / "runs" / "run"
+    evaluation = summary["evaluation"]
+    assert json.loads((run_dir / "training_summary.json").read_text())["evaluation"] == evaluation
+    assert (evaluation["base"]["model"], evaluation["trained"]["model"]) == (str(tiny_model), summary["model"])
+    for label in ("base", "trained"):
+        overall = evaluation[label]["benchmarks"]["digits"]["overall"]
+        predictions = pq.read_table(run_dir / "evaluation" / label / "predictions.parquet").to_pylist()
+        assert overall["count"] == len(predictions) == 4 and overall["correct"] == sum(p["correct"] for p in predictions)
+    assert "| base | trained | Δ |" in evaluation["comparison"] and "| digits | all | accuracy |" in evaluation["comparison"]
 
 
 def test_stage2_trains_lora_projector_and_mixers_then_merges(tmp_path, digits, tiny_model):
