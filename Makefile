@@ -15,7 +15,13 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	# flash-attn (the gpu extra) is a source build that imports torch: it must see the torch
+	# installed above, so that extra installs without build isolation.
+	case ",$(EXTRAS)," in \
+	  *,gpu,*) $(PY) -m pip install -q setuptools wheel packaging ninja psutil && \
+	           $(PY) -m pip install -e ".[$(EXTRAS)]" --no-build-isolation ;; \
+	  *) $(PY) -m pip install -q -e ".[$(EXTRAS)]" ;; \
+	esac
 	touch $(STAMP)
 
 test: $(STAMP)

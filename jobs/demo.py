@@ -153,7 +153,7 @@ def caption(demo: Demo) -> None:
 
 
 def score(demo: Demo) -> None:
-    from pipelines.prepare_digits import parse_digit
+    from pipelines.prepare.digits import parse_digit
 
     shown = [r for r in demo.rows if r["id"] in SAMPLES] + [r for r in demo.rows if r["id"] in demo.labels][:8]
     width = max(len(r["id"]) for r in shown)

@@ -30,9 +30,9 @@ from pipelines.prepare import (
     DEFAULT_TEST_FRACTION,
     PrepareError,
 )
-from pipelines.prepare_digits import prepare_digits
-from pipelines.prepare_eval import prepare_digits_choice, prepare_llava_questions, prepare_mmbench, prepare_yes_no
-from pipelines.prepare_llava import prepare_llava
+from pipelines.prepare.digits import prepare_digits
+from pipelines.prepare.benchmarks import prepare_digits_choice, prepare_llava_questions, prepare_mmbench, prepare_yes_no
+from pipelines.prepare.llava import prepare_llava
 
 EVAL_COMMANDS = ("eval-mmbench", "eval-yes-no", "eval-llava", "eval-digits")
 

@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .evaluate.benchmark_spec import EvaluateAfterTraining
-from .images import DEFAULT_MAX_PIXELS
+from .storage.images import DEFAULT_MAX_PIXELS
 
 # Keys that look like credentials: rejected with a pointer to the AWS variables, and their
 # values are never echoed (pydantic's default message would print the input value).

@@ -24,7 +24,7 @@ from pipelines.caption.lease import (OutputLockedError, acquire_lease, dead_on_t
                                      read_lease, release_lease)
 from pipelines.caption.predictor import classify_model_error
 from pipelines.caption.read import ShardReadError, iter_shard_batches
-from pipelines.pixels import pack_arrays, unpack_arrays
+from pipelines.storage.pixels import pack_arrays, unpack_arrays
 from pipelines.storage import (Location, NotFoundError, Storage, StorageError, TransientStorageError, describe_error,
                                with_retries)
 

@@ -18,8 +18,8 @@ from jobs.evaluate import main as evaluate
 from jobs.specs import FinetuneSpec, SpecError, build_spec
 from pipelines.evaluate.metrics import benchmark_metrics
 from pipelines.finetune import run_finetune
-from pipelines.prepare_digits import prepare_digits
-from pipelines.prepare_eval import EVAL_SCHEMA, prepare_digits_choice
+from pipelines.prepare.digits import prepare_digits
+from pipelines.prepare.benchmarks import EVAL_SCHEMA, prepare_digits_choice
 from pipelines.storage import Storage, parse_uri
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]

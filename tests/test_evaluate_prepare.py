@@ -15,7 +15,7 @@ from PIL import Image
 from jobs.prepare import main as prepare
 from pipelines.evaluate.benchmark_spec import BenchmarkSpec
 from pipelines.evaluate.rows import ask
-from pipelines.prepare_eval import EVAL_SCHEMA
+from pipelines.prepare.benchmarks import EVAL_SCHEMA
 
 
 def png(colour: str) -> bytes:

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from jobs.specs import CaptionSpec, FinetuneSpec, SpecError, build_spec
 from pipelines.finetune import format_finetune_summary, run_finetune
 from train_hooks import KillOnce, RecordRows, rows_per_epoch
-from pipelines.prepare_digits import parse_digit, prepare_digits
+from pipelines.prepare.digits import parse_digit, prepare_digits
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -72,7 +72,7 @@ def test_a_tiny_trol_learns_digits_on_two_ddp_workers(tmp_path, digits, tiny_mod
 
 
 def test_stage1_trains_only_projector_and_mixers_then_evaluates(tmp_path, digits, tiny_model):
-    from pipelines.prepare_eval import prepare_digits_choice
+    from pipelines.prepare.benchmarks import prepare_digits_choice
 
     prepare_digits_choice(str(tmp_path / "choice"), image_size=32)
     benchmark = {"name": "digits", "data": str(tmp_path / "choice"), "kind": "multiple_choice", "limit": 4}
@@ -113,7 +113,7 @@ def test_keep_adapter_export_loads_like_the_merged_one(tmp_path):
     from trol import load_model
     from trol.tiny import build_tiny
     from trol.training import LoraSettings, prepare_for_stage
-    from pipelines.train_checkpoint import export_model
+    from pipelines.finetune.checkpoint import export_model
 
     outputs = []
     for keep in (False, True):

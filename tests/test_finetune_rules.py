@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-import pipelines.finetune as finetune
+import pipelines.finetune.job as finetune
 from jobs.specs import FinetuneSpec, SpecError, build_spec
 from pipelines.finetune import run_finetune
 from pipelines.storage import Storage, parse_uri
-from pipelines.train_runs import check_nodes
+from pipelines.finetune.runs import check_nodes
 
 
 def spec_with(tmp_path: Path, **overrides) -> FinetuneSpec:

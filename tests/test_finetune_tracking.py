@@ -22,7 +22,7 @@ import ray
 
 from jobs.specs import FinetuneSpec, build_spec
 from pipelines.finetune import run_finetune, worker_resources
-from pipelines.prepare_digits import prepare_digits
+from pipelines.prepare.digits import prepare_digits
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
 

@@ -1,4 +1,4 @@
-"""pipelines.images: every kind of cell becomes a decoded image or an error string, never an
+"""pipelines.storage.images: every kind of cell becomes a decoded image or an error string, never an
 exception. The conversion to RGB is the model processor's (trol.processing.to_rgb, the one
 conversion shared with training); these tests run decoded images through it."""
 
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.images import decode_image, load_image
+from pipelines.storage.images import decode_image, load_image
 from trol.processing import to_rgb
 from pipelines.storage import Location, Storage, parse_uri
 

@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from pipelines.finetune import run_finetune
-from pipelines.prepare_digits import prepare_digits
+from pipelines.prepare.digits import prepare_digits
 from pipelines.specs import CaptionSpec, FinetuneSpec, build_spec
 from train_hooks import KillOnce
 
@@ -57,7 +57,7 @@ def qlora_spec(tmp_path: Path, digits: Path, base: Path, name: str, **overrides)
 def test_qlora_on_cpu_learns_resumes_exactly_and_exports_a_model_the_caption_job_loads(
         tmp_path, digits, base, write_shards):
     from pipelines.caption import run_caption
-    from pipelines.train_parallel import load_for_stage
+    from pipelines.finetune.parallel import load_for_stage
     from trol import TroLForConditionalGeneration
 
     whole = run_finetune(qlora_spec(tmp_path, digits, base, "whole"))

@@ -67,7 +67,7 @@ def test_caption_job_on_a_converted_trol_3_8b_with_tiled_images(releases, write_
 
 def test_finetune_stage2_on_a_converted_model_keeps_the_partial_lora(releases, tmp_path):
     from jobs.finetune import main
-    from pipelines.prepare_digits import prepare_digits
+    from pipelines.prepare.digits import prepare_digits
 
     prepare_digits(str(tmp_path / "digits"), shard_rows=200, image_size=20, seed=0)
     spec = {"data": str(tmp_path / "digits" / "train"), "output": str(tmp_path / "runs"), "name": "released",

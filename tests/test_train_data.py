@@ -12,9 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.storage import Storage
-from pipelines.train_batches import BatchRecipe, MicroBatchCollate, prepare_micro_batch
-from pipelines.train_data import COUNTER_NAMES, DataCounters, RowFormat, encode_row
-from pipelines.train_plan import EMPTY_SLOT, RowIndex
+from pipelines.finetune.batches import BatchRecipe, MicroBatchCollate, prepare_micro_batch
+from pipelines.finetune.data import COUNTER_NAMES, DataCounters, RowFormat, encode_row
+from pipelines.finetune.plan import EMPTY_SLOT, RowIndex
 from trol.processing import IGNORE_INDEX
 from trol_helpers import tiny
 

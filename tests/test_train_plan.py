@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pipelines.train_plan import EMPTY_SLOT, RowIndex, epoch_order, eval_plan, worker_plan
+from pipelines.finetune.plan import EMPTY_SLOT, RowIndex, epoch_order, eval_plan, worker_plan
 
 INDEX = RowIndex(("a", "b"), ((40, 40, 17), (50,)))  # 147 rows in four row groups
 

@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 
-from pipelines.train_parallel import TokenLossModule, freeze_unreachable_vision
-from pipelines.train_step import train_step
+from pipelines.finetune.parallel import TokenLossModule, freeze_unreachable_vision
+from pipelines.finetune.step import train_step
 from trol.training import prepare_for_stage
 from trol_helpers import images, tiny
 

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..images import describe_exception
+from ..storage.images import describe_exception
 from ..storage import parquet_bytes, parse_uri, with_retries
 from .assembly import ROW, AssemblyError, replace_rows
 from .plan import CaptionPlan, Shard, now_iso

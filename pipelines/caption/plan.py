@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from .lease import acquire_lease
 from ..models import ModelRef, resolve_model_ref
-from ..shards import find_shards
+from ..storage.shards import find_shards
 from ..specs import CaptionSpec, SpecError, public_dump
 from ..storage import FileIdentity, Location, Storage, StorageError, parse_uri
 

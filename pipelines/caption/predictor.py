@@ -32,9 +32,9 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
-from ..images import describe_exception
+from ..storage.images import describe_exception
 from ..models import ModelRef, materialize_model
-from ..pixels import PIXEL_COLUMNS, PIXELS, unpack_arrays
+from ..storage.pixels import PIXEL_COLUMNS, PIXELS, unpack_arrays
 from ..storage import Storage
 
 log = logging.getLogger(__name__)

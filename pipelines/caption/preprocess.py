@@ -16,8 +16,8 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from ..images import describe_exception, load_image
-from ..pixels import pack_arrays
+from ..storage.images import describe_exception, load_image
+from ..storage.pixels import pack_arrays
 from ..storage import Location, Storage, TransientStorageError, with_retries
 
 _BYTES_OR_TEXT = (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_string, pa.types.is_large_string,

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..models import ModelRef, load_processor
-from ..pixels import pack_arrays
+from ..storage.pixels import pack_arrays
 from ..storage import Location, Storage, TransientStorageError, describe_error, parse_uri
 from .assembly import ROW
 from .predictor import FATAL

@@ -30,9 +30,9 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import Field, field_validator, model_validator
 
-from ..images import DEFAULT_MAX_PIXELS
+from ..storage.images import DEFAULT_MAX_PIXELS
 from ..models import ModelRef, load_processor, resolve_model_ref
-from ..pixels import PIXEL_COLUMNS
+from ..storage.pixels import PIXEL_COLUMNS
 from ..specs import GenerationSpec, SpecError, StorageSpec, _Spec, check_concurrency
 from ..storage import Storage, StorageError, TransientStorageError, parse_uri
 from .predictor import ACTOR, FATAL, CaptionPredictor

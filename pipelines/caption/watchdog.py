@@ -11,7 +11,13 @@ cluster's pending resource demands.
 from __future__ import annotations
 
 import re
-from ..specs import CaptionSpec
+from typing import TYPE_CHECKING
+
+from ..stall import pending_demands
+
+if TYPE_CHECKING:
+    from ..evaluate.spec import EvaluateSpec
+    from ..specs import CaptionSpec
 
 
 class RunAborted(RuntimeError):
@@ -31,30 +37,7 @@ def _last_line(text: str) -> str:
     return (lines[-1] if lines else text)[:500]
 
 
-def cluster_waiting() -> str:
-    """The cluster's pending resource demands and what it has free, from Ray (best effort)."""
-    import ray
-
-    parts = []
-    try:
-        from ray.autoscaler.v2.sdk import get_cluster_status
-
-        status = get_cluster_status(ray.get_runtime_context().gcs_address)
-        demands = [str(b) for d in (status.resource_demands.ray_task_actor_demand
-                                    + status.resource_demands.placement_group_demand) for b in d.bundles_by_count]
-        parts.append(f"pending resource demands: {', '.join(demands) if demands else 'none'}")
-    except Exception:  # noqa: BLE001 - older clusters or no GCS answer: say what else is known
-        pass
-    try:
-        total = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory") or "GPU" in k}
-        free = {k: round(v, 2) for k, v in ray.available_resources().items() if k in total}
-        parts.append(f"cluster {total}, free now {free}")
-    except Exception:  # noqa: BLE001
-        pass
-    return "; ".join(parts) or "the cluster's state is unknown"
-
-
-def describe_abort(exc: BaseException, spec: CaptionSpec) -> BaseException:
+def describe_abort(exc: BaseException, spec: CaptionSpec | EvaluateSpec) -> BaseException:
     """The exception a run that could not go on ends with (KeyboardInterrupt and the like
     are kept as they are)."""
     if isinstance(exc, RunAborted) or not isinstance(exc, Exception):
@@ -69,7 +52,7 @@ def describe_abort(exc: BaseException, spec: CaptionSpec) -> BaseException:
         return RunAborted(
             f"nothing moved through the pipeline for {spec.stall_timeout_s:.0f} s (stall_timeout_s); stages still "
             f"waiting: {'; '.join(stages) or 'unknown'}; the predictor pool asks for {low}"
-            f"{f' to {high}' if high != low else ''} × {ask}; {cluster_waiting()}. Give the cluster what the "
+            f"{f' to {high}' if high != low else ''} × {ask}; {pending_demands()}. Give the cluster what the "
             "predictor asks for (concurrency, cpus_per_actor, gpus_per_actor), or raise stall_timeout_s if the "
             "model's first load takes longer")
     if any(marker in text for marker in ("__init__", "creation task", "ActorDiedError")) and (

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..models import ModelRef, resolve_model_ref
-from ..shards import find_shards
+from ..storage.shards import find_shards
 from ..specs import SpecError
 from ..storage import Location, Storage, StorageError, parse_uri
 from .benchmark_spec import BenchmarkSpec

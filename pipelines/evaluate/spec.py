@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ..images import DEFAULT_MAX_PIXELS
+from ..storage.images import DEFAULT_MAX_PIXELS
 from ..specs import StorageSpec, _Spec, check_concurrency
 from .benchmark_spec import BenchmarkSpec, check_unique_names
 

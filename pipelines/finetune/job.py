@@ -1,10 +1,7 @@
 """Fine-tuning with Ray Train: the driver (validate → plan → TorchTrainer) and its summary.
 
-The worker loop is pipelines/train_loop.py; it stays short because its parts live in their
-own modules (data: train_plan/train_batches; model and parallelism: train_parallel; the
-step: train_step; checkpoints: train_checkpointer; metrics: train_metrics; export:
-train_export; MLflow and TensorBoard: tracking). Driver-side rules (multi-node paths, what
-a resume may change): train_runs. A run that stops progressing says what it waits for: stall.
+The worker loop is `loop`; the package's other modules hold its parts (see the package
+docstring). A run that stops progressing says what it waits for: pipelines.stall.
 
 Each worker's placement-group bundle holds its own CPUs and those of its Ray Data tasks
 (cpus_per_worker + data_tasks_per_worker x data_cpus_per_task), reserved together, so
@@ -18,16 +15,16 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .specs import FinetuneSpec, SpecError
+from ..specs import FinetuneSpec, SpecError
 
-from .evaluate.after_training import check_evaluation, evaluate_after_training
-from .models import resolve_model_ref
-from .shards import find_shards
-from .stall import BoardReader, StageBoard, StallWatch
-from .storage import Location, Storage, StorageError, parse_uri
+from ..evaluate.after_training import check_evaluation, evaluate_after_training
+from ..models import resolve_model_ref
+from ..storage.shards import find_shards
+from ..stall import BoardReader, StageBoard, StallWatch
+from ..storage import Location, Storage, StorageError, parse_uri
 from .tracking import check_tracking_installed
-from .train_plan import RowIndex, micro_batches_per_worker
-from .train_runs import check_nodes, check_resumable, cluster_node_count
+from .plan import RowIndex, micro_batches_per_worker
+from .runs import check_nodes, check_resumable, cluster_node_count
 
 # Ray Train's INFO lines (worker group started, each report's metrics) are for debugging
 # Ray Train itself; the run's own lines say what happens. Its warnings and errors still show.
@@ -114,14 +111,14 @@ def run_finetune(spec: FinetuneSpec, hooks: list | None = None,
                  stall_after_s: float = DEFAULT_STALL_AFTER_S) -> dict[str, Any]:
     """Validate (before any model loads), then train; returns the run's summary.
 
-    `hooks` run on every worker after each step with a train_loop.StepInfo (tests record
+    `hooks` run on every worker after each step with a loop.StepInfo (tests record
     rows or inject faults through them). After `stall_after_s` seconds without a step, the
     driver logs what the run waits for (each worker's stage, Ray's pending demands)."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from .train_loop import train_loop
+    from .loop import train_loop
 
     check_tracking_installed(spec.tracking)
     try:

@@ -13,9 +13,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from .images import DEFAULT_MAX_PIXELS, load_image
-from .prepare import InvalidRecord, normalize_conversations
-from .storage import Storage
+from ..storage.images import DEFAULT_MAX_PIXELS, load_image
+from ..prepare import InvalidRecord, normalize_conversations
+from ..storage import Storage
 
 
 @dataclass

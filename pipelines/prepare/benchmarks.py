@@ -24,12 +24,12 @@ from typing import Any
 
 import pyarrow as pa
 
-from .evaluate.answers import yes_no_label
-from .evaluate.choices import LETTERS, answer_index
-from .prepare import (DEFAULT_IMAGE_SIZE, DEFAULT_LLAVA_SHARD_ROWS, DEFAULT_MAX_SHARD_BYTES, DEFAULT_TEST_FRACTION,
+from ..evaluate.answers import yes_no_label
+from ..evaluate.choices import LETTERS, answer_index
+from .output import (DEFAULT_IMAGE_SIZE, DEFAULT_LLAVA_SHARD_ROWS, DEFAULT_MAX_SHARD_BYTES, DEFAULT_TEST_FRACTION,
                       DIGIT_WORDS, IMAGE_TOKEN, InvalidRecord, PrepareError, PrepareSummary, ShardSink, SkippedRecord,
-                      check_shard_rows, normalize_conversations, prepare_output, write_summary)
-from .prepare_llava import check_image_bytes, iter_json_records, load_image_file
+                      check_shard_rows, finish_output, normalize_conversations, prepare_output)
+from .llava import check_image_bytes, iter_json_records, load_image_file
 
 EVAL_SCHEMA = pa.schema([
     ("id", pa.string()), ("image", pa.binary()), ("image_id", pa.string()), ("question", pa.string()),
@@ -44,20 +44,6 @@ def _text(value: Any) -> str | None:
         return None
     text = str(value).strip()
     return text or None
-
-
-def _finish(out, sink: ShardSink, summary: PrepareSummary, source: str, started: float) -> PrepareSummary:
-    sink.flush()
-    summary.shards = sink.shards
-    summary.seconds = time.perf_counter() - started
-    if summary.rows_written == 0:
-        problems = summary.missing_images + summary.invalid_records
-        first = f"; first problem: {problems[0].where}: {problems[0].reason}" if problems else ""
-        raise PrepareError(f"no rows to write from {source}: {summary.records_read} records, "
-                           f"{len(summary.missing_images)} with missing/unreadable images, "
-                           f"{len(summary.invalid_records)} invalid{first}")
-    write_summary(out, summary)
-    return summary
 
 
 def _start(output: str, overwrite: bool, shard_rows: int, dataset: str, options: dict[str, Any]):
@@ -139,7 +125,7 @@ def prepare_mmbench(tsv_path: str | os.PathLike[str], output: str, *, shard_rows
         sink.add({"id": index, "image": data, "image_id": image if _is_reference(image) else index,
                   "question": _text(row.get("question")), "hint": _text(row.get("hint")), "choices": options,
                   "answer": answer, "category": _text(row.get("category"))}, len(data))
-    return _finish(out, sink, summary, f"--tsv {str(tsv_path)!r}", started)
+    return finish_output(out, sink, summary, f"--tsv {str(tsv_path)!r}", started)
 
 
 def _option_columns(row: dict[str, str]) -> list[str]:
@@ -224,7 +210,7 @@ def _write_json_source(json_path, images, output, dataset: str, parse, *, shard_
     for rows, data in _records_with_images(path, root, summary, parse, workers or min(8, os.cpu_count() or 1)):
         for row in rows:
             sink.add({**row, "image": data, "category": row.get("category") or category}, len(data))
-    return _finish(out, sink, summary, f"--json {str(json_path)!r}", started)
+    return finish_output(out, sink, summary, f"--json {str(json_path)!r}", started)
 
 
 def _yes_no_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
@@ -291,7 +277,7 @@ def prepare_llava_questions(json_path: str | os.PathLike[str], images: str | os.
 
 def digit_choice_rows(images: Iterable[Any], labels: Iterable[int], ids: Iterable[int], image_size: int,
                       resample: str) -> Iterator[dict[str, Any]]:
-    from .prepare_digits import render_digit
+    from .digits import render_digit
 
     for pixels, label, i in zip(images, labels, ids):
         png = render_digit(pixels, image_size, resample)
@@ -307,7 +293,7 @@ def prepare_digits_choice(output: str, *, image_size: int = DEFAULT_IMAGE_SIZE,
     was trained on), as "Which digit…? A. zero … J. nine"; category: the digit's word."""
     from sklearn.datasets import load_digits
 
-    from .prepare_digits import split_digits
+    from .digits import split_digits
 
     started = time.perf_counter()
     if isinstance(image_size, bool) or not isinstance(image_size, int) or not 8 <= image_size <= 4096:
@@ -325,4 +311,4 @@ def prepare_digits_choice(output: str, *, image_size: int = DEFAULT_IMAGE_SIZE,
     for row in digit_choice_rows(digits.images[test], digits.target[test], test, image_size, resample):
         sink.add(row, len(row["image"]))
     summary.records_read = len(test)
-    return _finish(out, sink, summary, "scikit-learn's digits", started)
+    return finish_output(out, sink, summary, "scikit-learn's digits", started)

@@ -14,7 +14,7 @@ import warnings
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .storage import Location, Storage, StorageError, TransientStorageError, parse_uri
+from .store import Location, Storage, StorageError, TransientStorageError, parse_uri
 
 # The one pixel limit (the spec's max_image_pixels defaults to it). 50 megapixels: above
 # common camera output, far below what would exhaust a worker when a batch of such images

@@ -24,8 +24,8 @@ import tempfile
 import time
 from typing import Any
 
-from .specs import FinetuneSpec, SpecError, TrackingSpec
-from .storage import Location, Storage
+from ..specs import FinetuneSpec, SpecError, TrackingSpec
+from ..storage import Location, Storage
 
 TRAIN_METRICS = ("loss", "lr", "tokens_per_s", "data_wait", "mfu", "step_time_s")
 RUN_DIR_TAG = "trol_ray.run_dir"
@@ -76,7 +76,7 @@ class Tracker:
         return os.path.join(base, sub)
 
     def log(self, entry: dict[str, Any]) -> None:
-        """One logging step's metrics (train_metrics.StepMeter.flush's entry)."""
+        """One logging step's metrics (metrics.StepMeter.flush's entry)."""
         step = int(entry["step"])
         values = {k: float(entry[k]) for k in TRAIN_METRICS if entry.get(k) is not None}
         if self.mlflow:

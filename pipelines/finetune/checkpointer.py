@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 
-from .train_checkpoint import (MODEL_FILE, STATE_FILE, TrainState, load_train_state, rng_states, save_checkpoint,
+from .checkpoint import (MODEL_FILE, STATE_FILE, TrainState, load_train_state, rng_states, save_checkpoint,
                                save_train_state, set_rng_states)
 
 PREFIX = "model."  # TokenLossModule holds the TroL model as `.model`; files use TroL's own keys

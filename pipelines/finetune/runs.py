@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .specs import FinetuneSpec, SpecError
+from ..specs import FinetuneSpec, SpecError
 
 # A resumed run continues the stored one's data order and tensors; these fields would
 # silently change either (shapes, trainable set, which rows fall in which step), so a

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from .released import converted_folder, is_released_folder, is_released_hub_id
-from .storage import Storage, StorageError, parse_uri
+from ..storage import Storage, StorageError, parse_uri
 
 log = logging.getLogger(__name__)
 

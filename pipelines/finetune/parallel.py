@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .train_checkpoint import ADAPTER_DIR
+from .checkpoint import ADAPTER_DIR
 
 IGNORE_INDEX = -100
 

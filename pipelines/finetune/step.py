@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .train_parallel import gradient_sync, label_tokens
+from .parallel import gradient_sync, label_tokens
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values")
 
@@ -29,7 +29,7 @@ class StepResult:
 
 def autocast_for(spec: Any, device: torch.device):
     """bf16 autocast for DDP on a bf16 GPU (FSDP2 casts through its own policy)."""
-    from .train_parallel import bf16_on
+    from .parallel import bf16_on
 
     if spec.strategy == "ddp" and bf16_on(spec, device):
         return torch.autocast("cuda", dtype=torch.bfloat16)

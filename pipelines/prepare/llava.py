@@ -15,7 +15,7 @@ from typing import Any
 
 from PIL import Image
 
-from .prepare import (
+from .output import (
     DEFAULT_LLAVA_SHARD_ROWS,
     DEFAULT_MAX_SHARD_BYTES,
     LLAVA_SCHEMA,
@@ -25,9 +25,9 @@ from .prepare import (
     ShardSink,
     SkippedRecord,
     check_shard_rows,
+    finish_output,
     normalize_conversations,
     prepare_output,
-    write_summary,
 )
 
 log = logging.getLogger(__name__)
@@ -200,17 +200,5 @@ def prepare_llava(
                 write_chunk(chunk, pool)
                 chunk = []
         write_chunk(chunk, pool)
-    sink.flush()
-    summary.shards = sink.shards
-    summary.seconds = time.perf_counter() - started
-    if summary.rows_written == 0:
-        problems = summary.missing_images + summary.invalid_records
-        first = f"; first problem: {problems[0].where}: {problems[0].reason}" if problems else ""
-        raise PrepareError(
-            f"no rows to write: {summary.records_read} records in --json {str(json_path)!r}, "
-            f"{len(summary.missing_images)} with missing/unreadable images, "
-            f"{len(summary.invalid_records)} invalid{first}. Check that --images is the folder "
-            "the 'image' paths are relative to"
-        )
-    write_summary(out, summary)
-    return summary
+    return finish_output(out, sink, summary, f"--json {str(json_path)!r}", started,
+                         ". Check that --images is the folder the 'image' paths are relative to")

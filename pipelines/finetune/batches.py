@@ -1,6 +1,6 @@
 """Micro-batches made by Ray Data CPU tasks, delivered to a training worker ready to step.
 
-A worker's epoch plan (train_plan) becomes a small dataset of row ids, one micro-batch per
+A worker's epoch plan (`plan`) becomes a small dataset of row ids, one micro-batch per
 `batch_size` consecutive rows. A CPU task per micro-batch reads just those rows from their
 Parquet row groups, decodes and resizes the images (kept uint8), tokenises and pads to the
 micro-batch's own width. The worker's iterator stacks the columns into tensors, pins them and
@@ -19,9 +19,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .storage import Storage, parse_uri
-from .train_data import COUNTER_NAMES, DataCounters, RowFormat, encode_row
-from .train_plan import EMPTY_SLOT, RowIndex
+from ..storage import Storage, parse_uri
+from .data import COUNTER_NAMES, DataCounters, RowFormat, encode_row
+from .plan import EMPTY_SLOT, RowIndex
 
 USED = -1  # `drop` column: the row trains (else the index of its reason in COUNTER_NAMES)
 

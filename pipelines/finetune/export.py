@@ -6,8 +6,8 @@ import os
 import tempfile
 from typing import Any
 
-from .storage import parse_uri
-from .train_checkpoint import TrainState, export_model, write_loss_curve
+from ..storage import parse_uri
+from .checkpoint import TrainState, export_model, write_loss_curve
 
 MODEL_SUBDIR = "model"
 
@@ -18,7 +18,7 @@ def export_run(model, checkpointer, processor, spec, config: dict[str, Any], sta
     output/name/{model/, loss_curve.png, training_summary.json} and returns the summary."""
     import ray.train
 
-    from .train_parallel import inner, load_for_stage
+    from .parallel import inner, load_for_stage
 
     full_state = checkpointer.full_model_state()
     if ray.train.get_context().get_world_rank() != 0:

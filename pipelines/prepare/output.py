@@ -26,6 +26,7 @@ complete.
 from __future__ import annotations
 
 import json
+import time
 import logging
 import os
 import posixpath
@@ -37,7 +38,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .storage import Location, Storage, StorageError, describe_error, parse_uri
+from ..storage import Location, Storage, StorageError, describe_error, parse_uri
 
 log = logging.getLogger(__name__)
 
@@ -314,6 +315,23 @@ class ShardSink:
 def write_summary(out: Output, summary: PrepareSummary) -> None:
     text = json.dumps(summary.to_dict(), indent=2, ensure_ascii=False) + "\n"
     out.write_bytes(SUMMARY_NAME, text.encode("utf-8"))
+
+
+def finish_output(out: Output, sink: ShardSink, summary: PrepareSummary, source: str, started: float,
+                  hint: str = "") -> PrepareSummary:
+    """Flush the last shard and write the summary; no rows at all is an error naming the
+    source and its first problem (then nothing but the cleared output remains)."""
+    sink.flush()
+    summary.shards = sink.shards
+    summary.seconds = time.perf_counter() - started
+    if summary.rows_written == 0:
+        problems = summary.missing_images + summary.invalid_records
+        first = f"; first problem: {problems[0].where}: {problems[0].reason}" if problems else ""
+        raise PrepareError(f"no rows to write: {summary.records_read} records in {source}, "
+                           f"{len(summary.missing_images)} with missing/unreadable images, "
+                           f"{len(summary.invalid_records)} invalid{first}{hint}")
+    write_summary(out, summary)
+    return summary
 
 
 def check_shard_rows(shard_rows: int) -> None:

@@ -1,8 +1,8 @@
 """The Ray Train worker loop: build the parts, then step until the run is done.
 
-Each part is its own module: data (train_plan + train_batches), model and parallelism
-(train_parallel), the step (train_step), checkpoints (train_checkpointer) and metrics
-(train_metrics); rank 0 also feeds MLflow and TensorBoard (tracking). `config["hooks"]`
+Each part is its own module beside it: data (plan + batches), model and parallelism
+(parallel), the step (step), checkpoints (checkpointer) and metrics (metrics); rank 0
+also feeds MLflow and TensorBoard (tracking). `config["hooks"]`
 are callables run after each step (tests use them to record rows or to kill a worker); the
 loop knows nothing of what they do. Each worker posts its stage (loading, waiting for data,
 stepping, ...) to the driver's StageBoard, which says what a stalled run waits for.
@@ -18,13 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .specs import FinetuneSpec
+from ..specs import FinetuneSpec
 
-from .models import materialize_model
-from .storage import Storage
-from .train_batches import BatchRecipe, TimedBatches
-from .train_data import COUNTER_NAMES, RowFormat
-from .train_plan import eval_plan, micro_batches_per_worker, worker_plan
+from ..models import materialize_model
+from ..storage import Storage
+from .batches import BatchRecipe, TimedBatches
+from .data import COUNTER_NAMES, RowFormat
+from .plan import eval_plan, micro_batches_per_worker, worker_plan
 
 # Step lines go through logging: in a Ray Train worker, print() is both logged and written
 # to the forwarded stdout, so every printed line reached the driver twice.
@@ -96,14 +96,14 @@ def train_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
     from transformers.utils import logging as hf_logging
 
-    from .stall import StagePoster
-    from .storage import parse_uri
+    from ..stall import StagePoster
+    from ..storage import parse_uri
     from .tracking import Tracker
-    from .train_checkpointer import Checkpointer
-    from .train_export import export_run
-    from .train_metrics import StepMeter, all_reduce, device_peak_flops, log_line, traversed_parameters
-    from .train_parallel import TokenLossModule, freeze_unreachable_vision, load_for_stage, wrap
-    from .train_step import autocast_for, eval_loss_sum, train_step
+    from .checkpointer import Checkpointer
+    from .export import export_run
+    from .metrics import StepMeter, all_reduce, device_peak_flops, log_line, traversed_parameters
+    from .parallel import TokenLossModule, freeze_unreachable_vision, load_for_stage, wrap
+    from .step import autocast_for, eval_loss_sum, train_step
     from trol.training import cosine_with_warmup
 
     spec = FinetuneSpec.model_validate(config["spec"])

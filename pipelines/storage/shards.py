@@ -5,7 +5,7 @@ from __future__ import annotations
 import posixpath
 from collections.abc import Callable
 
-from .storage import Location, Storage, StorageError, glob_to_regex, is_glob, parse_uri
+from .store import Location, Storage, StorageError, glob_to_regex, is_glob, parse_uri
 
 
 def find_shards(uri: str, storage: Storage) -> tuple[Location, list[Location], Callable[[str], bool]]:

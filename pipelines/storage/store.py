@@ -30,7 +30,7 @@ from urllib.parse import urlparse
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from .storage_errors import (NotFoundError, StorageError, TransientStorageError, describe_error,  # noqa: F401
+from .errors import (NotFoundError, StorageError, TransientStorageError, describe_error,  # noqa: F401
                              is_transient, with_retries)
 
 GLOB_CHARS = "*?["

@@ -12,7 +12,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from .prepare import (
+from .output import (
     DEFAULT_DIGITS_SHARD_ROWS,
     DEFAULT_IMAGE_SIZE,
     DEFAULT_MAX_SHARD_BYTES,
@@ -60,8 +60,8 @@ def parse_digit(text: str) -> int | None:
 
 def _choice_row(row: dict) -> dict:
     """The same image asked as `prepare eval-digits` asks it, answered with the letter."""
-    from .evaluate.choices import LETTERS, build_choice_prompt
-    from .prepare_eval import DIGIT_QUESTION
+    from ..evaluate.choices import LETTERS, build_choice_prompt
+    from .benchmarks import DIGIT_QUESTION
 
     prompt = f"{IMAGE_TOKEN}\n{build_choice_prompt(DIGIT_QUESTION, list(DIGIT_WORDS))}"
     return {**row, "id": f"{row['id']}-choice", "conversations": [
