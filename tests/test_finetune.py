@@ -71,6 +71,7 @@ def test_a_tiny_trol_learns_digits_on_two_ddp_workers(tmp_path, digits, tiny_mod
     assert accuracy >= 0.9
 
 
+@pytest.mark.slow
 def test_stage1_trains_only_projector_and_mixers_then_evaluates(tmp_path, digits, tiny_model):
     from pipelines.prepare.benchmarks import prepare_digits_choice
 
@@ -98,6 +99,7 @@ def test_stage1_trains_only_projector_and_mixers_then_evaluates(tmp_path, digits
     assert "| base | trained | Δ |" in evaluation["comparison"] and "| digits | all | accuracy |" in evaluation["comparison"]
 
 
+@pytest.mark.slow
 def test_stage2_trains_lora_projector_and_mixers_then_merges(tmp_path, digits, tiny_model):
     summary = run_finetune(spec_for(tmp_path, digits, tiny_model, stage="2", lr=1e-2,
                                     lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}))
@@ -133,6 +135,7 @@ def test_keep_adapter_export_loads_like_the_merged_one(tmp_path):
     torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_checkpoints_model_and_tracking_on_s3(tmp_path, digits, tiny_model, s3_env, make_bucket, monkeypatch):
     from pipelines.storage import Storage
     from pipelines.storage import parse_uri as storage_location
@@ -212,6 +215,7 @@ def test_spec_errors_name_the_field_before_any_model_loads(tmp_path, digits, tin
     assert not (tmp_path / "runs" / "run" / "model").exists()
 
 
+@pytest.mark.slow
 def test_epoch_runs_stop_after_their_epochs_even_when_rerun(tmp_path, digits, tiny_model):
     spec = spec_for(tmp_path, digits, tiny_model, data=str(digits / "test"), max_steps=None, epochs=1,
                     batch_size=16, checkpoint_every=100, log_every=5)
