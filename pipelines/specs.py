@@ -73,7 +73,7 @@ class GenerationSpec(_Spec):
     seed: int | None = Field(None, description="with do_sample: seed applied to every batch")
 
 
-def _bitsandbytes_installed(bits: int | None) -> int | None:
+def check_bitsandbytes(bits: int | None) -> int | None:
     """Checked where the spec is read, before any model loads (without importing torch)."""
     if bits and importlib.util.find_spec("bitsandbytes") is None:
         raise ValueError(f"quantize: {bits} needs bitsandbytes (pip install bitsandbytes; the dev and gpu "
@@ -186,7 +186,7 @@ class CaptionSpec(_Spec):
     @field_validator("quantize")
     @classmethod
     def _quantize(cls, v: int | None) -> int | None:
-        return _bitsandbytes_installed(v)
+        return check_bitsandbytes(v)
 
 
 class LoraSpec(_Spec):
@@ -275,7 +275,7 @@ class FinetuneSpec(_Spec):
     @field_validator("quantize")
     @classmethod
     def _quantize(cls, v: int | None) -> int | None:
-        return _bitsandbytes_installed(v)
+        return check_bitsandbytes(v)
 
     @field_validator("stage", mode="before")
     @classmethod

@@ -91,7 +91,7 @@ def test_configs_that_cannot_work_name_the_field(tmp_path: Path) -> None:
         build_caption_processor({"model": str(tmp_path / "nowhere")})
     assert err.value.field == "model" and "does not exist" in str(err.value)
     for fields, field in (({"concurrency": [2, 1]}, "concurrency"), ({"batchsize": 4}, "batchsize"),
-                          ({"quantize": 4}, "(spec)")):
+                          ({"quantize": 3}, "quantize"), ({"prompt_column": "image"}, "(spec)")):
         with pytest.raises(SpecError) as err:
             build_caption_processor({"model": "org/name", **fields})
         assert err.value.field == field, fields

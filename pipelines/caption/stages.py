@@ -33,7 +33,7 @@ from pydantic import Field, field_validator, model_validator
 from ..storage.images import DEFAULT_MAX_PIXELS
 from ..models import ModelRef, load_processor, resolve_model_ref
 from ..storage.pixels import PIXEL_COLUMNS
-from ..specs import GenerationSpec, SpecError, StorageSpec, _Spec, check_concurrency
+from ..specs import GenerationSpec, SpecError, StorageSpec, _Spec, check_bitsandbytes, check_concurrency
 from ..storage import Storage, StorageError, TransientStorageError, parse_uri
 from .predictor import ACTOR, FATAL, CaptionPredictor
 from .preprocess import column_cells, prepare_cells, with_pixels
@@ -55,7 +55,7 @@ class CaptionProcessorConfig(_Spec):
     cpus_per_actor: float = Field(1.0, gt=0.0)
     gpus_per_actor: float = Field(0.0, ge=0.0, description="0 runs the model on CPU")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    quantize: Literal[4, 8] | None = Field(None, description="bitsandbytes LLM weights (CUDA GPUs, the gpu extra)")
+    quantize: Literal[4, 8] | None = Field(None, description="4 or 8: bitsandbytes LLM weights (CUDA GPUs or CPU)")
     image_column: str = "image"
     keep_image_column: bool = Field(False, description="keep the input image column in the output (default: "
                                     "dropped, so image bytes or decoded arrays do not travel on to the sink)")
@@ -84,8 +84,7 @@ class CaptionProcessorConfig(_Spec):
     def _consistent(self) -> CaptionProcessorConfig:
         if not self.prompt.strip():
             raise ValueError("prompt must not be empty")
-        if self.quantize and self.gpus_per_actor == 0:
-            raise ValueError("quantize needs gpus_per_actor > 0 (bitsandbytes runs on CUDA); set quantize: null on CPU")
+        check_bitsandbytes(self.quantize)  # its wheel runs 4- and 8-bit layers on CPU too
         if self.prompt_column is not None and self.prompt_column == self.image_column:
             raise ValueError("prompt_column and image_column name the same column")
         return self

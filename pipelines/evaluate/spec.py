@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
 from ..storage.images import DEFAULT_MAX_PIXELS
-from ..specs import StorageSpec, _Spec, check_concurrency
+from ..specs import StorageSpec, _Spec, check_bitsandbytes, check_concurrency
 from .benchmark_spec import BenchmarkSpec, check_unique_names
 
 
@@ -25,13 +25,18 @@ class EvaluateSpec(_Spec):
     gpus_per_actor: float = Field(0.0, ge=0.0, description="0 runs the model on CPU")
     cpus_per_actor: float = Field(1.0, gt=0.0)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    quantize: Literal[4, 8] | None = Field(None, description="4 or 8: bitsandbytes LLM weights (CUDA GPUs)")
+    quantize: Literal[4, 8] | None = Field(None, description="4 or 8: bitsandbytes LLM weights (CUDA GPUs or CPU)")
     max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="larger images become row errors")
     model_cache_dir: str | None = Field(None, description="where s3:// or released models are cached per node")
     stall_timeout_s: float = Field(
         1800.0, gt=0.0, description="no-progress watchdog: when nothing moves through the pipeline this long (e.g. "
         "actors wait for GPUs the cluster never offers), the run ends (exit 3) saying what it waited for")
     storage: StorageSpec = Field(default_factory=StorageSpec)
+
+    @field_validator("quantize")
+    @classmethod
+    def _quantize(cls, v: int | None) -> int | None:
+        return check_bitsandbytes(v)
 
     @field_validator("concurrency", mode="before")
     @classmethod
@@ -56,9 +61,3 @@ class EvaluateSpec(_Spec):
         if any(c in v for c in "*?["):
             raise ValueError("must be a folder or prefix, not a glob")
         return v
-
-    @model_validator(mode="after")
-    def _quantize_needs_gpus(self) -> EvaluateSpec:
-        if self.quantize and self.gpus_per_actor == 0:
-            raise ValueError("quantize needs gpus_per_actor > 0 (bitsandbytes runs on CUDA); set quantize: null on CPU")
-        return self

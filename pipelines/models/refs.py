@@ -22,6 +22,7 @@ import posixpath
 import re
 import shutil
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -147,11 +148,35 @@ _processors: dict[tuple[Any, ...], Any] = {}
 _processors_lock = threading.Lock()
 
 
+def _half_imported(exc: BaseException) -> bool:
+    """True when an import failed because another thread of this process was importing the
+    same module (torch, transformers) at that moment: Python hands the second thread the
+    partially initialized module instead of deadlocking."""
+    seen = []
+    while exc is not None and exc not in seen:
+        if "partially initialized module" in str(exc):
+            return True
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def load_processor(ref: ModelRef, storage: Storage, cache_dir: str | None) -> Any:
     key = (ref, storage, cache_dir)
     with _processors_lock:
-        if key not in _processors:
-            from trol import TroLProcessor
+        for attempt in range(3):
+            if key in _processors:
+                break
+            try:
+                from trol import TroLProcessor
 
-            _processors[key] = TroLProcessor.from_pretrained(materialize_model(ref, storage, cache_dir, weights=False))
+                _processors[key] = TroLProcessor.from_pretrained(
+                    materialize_model(ref, storage, cache_dir, weights=False))
+            except (ImportError, AttributeError) as exc:
+                # Ray Data runs this in a worker where Ray's own threads may be importing torch
+                # too (seen once in a full test run); that import completes, so trying again works.
+                if attempt == 2 or not _half_imported(exc):
+                    raise
+                log.warning("loading the processor met a half-imported module (%s); trying again", exc)
+                time.sleep(1.0 + attempt)
         return _processors[key]
