@@ -4,7 +4,7 @@
 1. prepare: scikit-learn's digits as Parquet shards (captions, and each training image also
    as a 10-way multiple-choice question), and a tiny random TroL (first run only).
 2. fine-tune: the tiny TroL on digits with Ray Train, 2 CPU workers, DDP (first run only,
-   about eight minutes; later runs reuse the model).
+   about four minutes on 2 quiet cores; later runs reuse the model).
 3. caption: the caption job on scikit-image's sample photos and held-out digits.
 4. score: a table of sample captions and the held-out accuracy.
 5. evaluate: the untrained and the fine-tuned model on the held-out digits as 10-way
