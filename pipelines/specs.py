@@ -85,6 +85,13 @@ def check_bitsandbytes(bits: int | None) -> int | None:
 CAPTION_COLUMNS = ("caption", "error", "num_tokens", "model")
 
 
+def not_blank(v: str) -> str:
+    """A name, path or model id: stripped, and never empty."""
+    if not v.strip():
+        raise ValueError("must not be empty")
+    return v.strip()
+
+
 def check_concurrency(v: Any) -> Any:
     """An actor pool's size: n, or [min, max] for a pool that grows and shrinks with the cluster."""
     if isinstance(v, list):
@@ -155,9 +162,7 @@ class CaptionSpec(_Spec):
     @field_validator("input", "output", "model", "image_column")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("must not be empty")
-        return v.strip()
+        return not_blank(v)
 
     @field_validator("prompt")
     @classmethod

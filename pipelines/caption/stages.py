@@ -33,7 +33,8 @@ from pydantic import Field, field_validator, model_validator
 from ..storage.images import DEFAULT_MAX_PIXELS
 from ..models import ModelRef, load_processor, resolve_model_ref
 from ..storage.pixels import PIXEL_COLUMNS
-from ..specs import GenerationSpec, SpecError, StorageSpec, _Spec, check_bitsandbytes, check_concurrency
+from ..specs import (GenerationSpec, SpecError, StorageSpec, _Spec, check_bitsandbytes, check_concurrency,
+                     not_blank)
 from ..storage import Storage, StorageError, TransientStorageError, parse_uri
 from .predictor import ACTOR, FATAL, CaptionPredictor
 from .preprocess import column_cells, prepare_cells, with_pixels
@@ -76,9 +77,7 @@ class CaptionProcessorConfig(_Spec):
     @field_validator("model", "image_column")
     @classmethod
     def _not_empty(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("must not be empty")
-        return v.strip()
+        return not_blank(v)
 
     @model_validator(mode="after")
     def _consistent(self) -> CaptionProcessorConfig:

@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from ..storage.images import DEFAULT_MAX_PIXELS
-from ..specs import StorageSpec, _Spec, check_bitsandbytes, check_concurrency
+from ..specs import StorageSpec, _Spec, check_bitsandbytes, check_concurrency, not_blank
 from .benchmark_spec import BenchmarkSpec, check_unique_names
 
 
@@ -51,9 +51,7 @@ class EvaluateSpec(_Spec):
     @field_validator("model", "output")
     @classmethod
     def _not_empty(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("must not be empty")
-        return v.strip()
+        return not_blank(v)
 
     @field_validator("output")
     @classmethod
