@@ -21,34 +21,20 @@ import logging
 import os
 import sys
 
-from jobs.job_args import add_ray_arguments
+from jobs.job_args import positive_seconds, spec_job_parser
 from jobs.ray_session import ensure_ray
 from pipelines.specs import CaptionSpec, SpecError, load_spec
 
 log = logging.getLogger("jobs.caption")
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {value}")
-    return value
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m jobs.caption", description=__doc__.split("\n\n")[0])
-    parser.add_argument("spec", help="YAML caption spec (see jobs/examples/caption_local.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a spec field, e.g. --set batch_size=16 --set generation.max_new_tokens=20")
+    parser = spec_job_parser("caption", __doc__, "jobs/examples/caption_local.yaml", stall=False)
     parser.add_argument("--plan-only", action="store_true", help="check the spec and list the work; caption nothing")
-    parser.add_argument("--progress-every", type=_seconds, default=30.0, metavar="SECONDS",
+    parser.add_argument("--progress-every", type=positive_seconds, default=30.0, metavar="SECONDS",
                         help="seconds between progress lines (shards done, rows/s); default %(default)s")
     parser.add_argument("--force", action="store_true",
                         help="take the output even if another run's lease on it has not expired (that run is dead)")
-    add_ray_arguments(parser)
     return parser.parse_args(argv)
 
 
