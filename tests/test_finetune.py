@@ -46,7 +46,7 @@ def test_a_tiny_trol_learns_digits_on_two_ddp_workers(tmp_path, digits, tiny_mod
 
     started = time.perf_counter()
     spec = spec_for(tmp_path, digits, tiny_model, eval_data=str(digits / "test"), workers=2, batch_size=16,
-                    lr=2e-3, warmup_steps=20, max_steps=600, checkpoint_every=200, log_every=20, name="digits")
+                    lr=2e-3, warmup_steps=20, max_steps=600, checkpoint_every=300, log_every=20, name="digits")
     summary = run_finetune(spec)
     train_seconds = time.perf_counter() - started
     print(format_finetune_summary(summary))
@@ -71,24 +71,62 @@ def test_a_tiny_trol_learns_digits_on_two_ddp_workers(tmp_path, digits, tiny_mod
     assert accuracy >= 0.9
 
 
-@pytest.mark.slow
-def test_stage1_trains_only_projector_and_mixers_then_evaluates(tmp_path, digits, tiny_model):
+@pytest.fixture(scope="module")
+def mixed(digits, tmp_path_factory) -> Path:
+    """64 digits rows in one row group, every odd row without its image. With two workers and
+    no local shuffle, worker 0 gets every image row and worker 1 only text rows."""
+    table = pq.read_table(str(digits / "test")).slice(0, 64)
+    images = [cell if i % 2 == 0 else None for i, cell in enumerate(table.column("image").to_pylist())]
+    table = table.set_column(table.schema.get_field_index("image"), "image", pa.array(images, pa.binary()))
+    out = tmp_path_factory.mktemp("mixed")
+    pq.write_table(table, out / "part-000.parquet", row_group_size=64)
+    return out
+
+
+@pytest.fixture(scope="module")
+def mixed_run(mixed, tiny_model, tmp_path_factory, ray_session):
+    """mixed_run(stage) → (folder, summary): one Ray Train run per stage on `mixed` (two
+    workers, one of them given only text rows), made once and shared by the tests that check
+    different things about it (each run costs ~20 s of Ray Train start-up here)."""
     from pipelines.prepare.benchmarks import prepare_digits_choice
 
-    prepare_digits_choice(str(tmp_path / "choice"), image_size=32)
-    benchmark = {"name": "digits", "data": str(tmp_path / "choice"), "kind": "multiple_choice", "limit": 4}
-    summary = run_finetune(spec_for(tmp_path, digits, tiny_model, stage="1", lr=1e-2, evaluate={
-        "benchmarks": [benchmark], "max_new_tokens": 2, "batch_size": 4}))
+    runs: dict[str, tuple[Path, dict]] = {}
+
+    def run(stage: str) -> tuple[Path, dict]:
+        if stage not in runs:
+            out = tmp_path_factory.mktemp(f"stage-{stage}")
+            extra = {}
+            if stage == "1":  # the evaluate: section scores the base and the trained model
+                prepare_digits_choice(str(out / "choice"), image_size=32)
+                benchmark = {"name": "digits", "data": str(out / "choice"), "kind": "multiple_choice", "limit": 4}
+                extra["evaluate"] = {"benchmarks": [benchmark], "max_new_tokens": 2, "batch_size": 4}
+            summary = run_finetune(spec_for(
+                out, mixed, tiny_model, data=str(mixed), stage=stage, workers=2, batch_size=2, grad_accum=2,
+                shuffle_window=1, max_steps=4, checkpoint_every=2, lr=1e-2,
+                lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}, **extra),
+                hooks=[RecordRows(str(out / "rows.jsonl"))])
+            runs[stage] = (out, summary)
+        return runs[stage]
+
+    return run
+
+
+@pytest.mark.slow
+def test_stage1_trains_only_projector_and_mixers_then_evaluates(mixed_run, tiny_model):
+    out, summary = mixed_run("1")
     before, after = weights(tiny_model), weights(Path(summary["model"]))
     assert before.keys() == after.keys()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     trainable = {k for k in before if k.startswith("vision.projector.") or ".mixer." in k}
     assert changed == trainable
     assert summary["steps"] == 4 and len(summary["history"]) == 4
-    assert summary["tokens_seen"] > 4 * 8 * 20 and summary["mean_tokens_per_s"] > 0
+    # 4 steps x 8 rows (2 workers x 2 micro-batches of 2), half of them text-only: every row
+    # is counted once, at over 15 tokens a row on average (losing a rank's or a micro-batch's
+    # count would halve it).
+    assert summary["tokens_seen"] > 4 * 8 * 15 and summary["mean_tokens_per_s"] > 0
 
     # The evaluate: section: base and trained model scored, both in training_summary.json.
-    run_dir = tmp_path / "runs" / "run"
+    run_dir = out / "runs" / "run"
     evaluation = summary["evaluation"]
     assert json.loads((run_dir / "training_summary.json").read_text())["evaluation"] == evaluation
     assert (evaluation["base"]["model"], evaluation["trained"]["model"]) == (str(tiny_model), summary["model"])
@@ -100,15 +138,24 @@ def test_stage1_trains_only_projector_and_mixers_then_evaluates(tmp_path, digits
 
 
 @pytest.mark.slow
-def test_stage2_trains_lora_projector_and_mixers_then_merges(tmp_path, digits, tiny_model):
-    summary = run_finetune(spec_for(tmp_path, digits, tiny_model, stage="2", lr=1e-2,
-                                    lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}))
+def test_stage2_trains_lora_projector_and_mixers_then_merges(mixed_run, tiny_model):
+    _, summary = mixed_run("2")
     before, after = weights(tiny_model), weights(Path(summary["model"]))
     assert before.keys() == after.keys(), "LoRA is merged: the export is a plain TroL checkpoint"
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     lora_targets = {k for k in before if k.endswith(("q_proj.weight", "v_proj.weight")) and "language_model" in k}
     trainable = {k for k in before if k.startswith("vision.projector.") or ".mixer." in k}
     assert changed == trainable | lora_targets
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["1", "2", "full"])
+def test_text_only_ranks_step_with_image_ranks_under_ddp(mixed_run, stage):
+    out, summary = mixed_run(stage)
+    assert summary["steps"] == 4 and all(h["loss"] > 0 for h in summary["history"])
+    records = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    by_rank = {r: {row % 2 for rec in records if rec["rank"] == r for row in rec["rows"]} for r in (0, 1)}
+    assert by_rank == {0: {0}, 1: {1}}, "one worker saw only image rows, the other only text rows"
 
 
 def test_keep_adapter_export_loads_like_the_merged_one(tmp_path):
@@ -177,25 +224,25 @@ def test_checkpoints_model_and_tracking_on_s3(tmp_path, digits, tiny_model, s3_e
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"loss_curve.png", "training_summary.json"}
 
 
-@pytest.mark.slow
-def test_a_killed_worker_restarts_from_the_last_checkpoint(tmp_path, digits, tiny_model):
-    spec = spec_for(tmp_path, digits, tiny_model, workers=2, max_steps=8, checkpoint_every=3, max_failures=1)
-    summary = run_finetune(spec, hooks=[KillOnce(5, str(tmp_path / "killed"))])
-    assert summary["resumed_from"] == [3]
-    assert summary["steps"] == 8
-    # The loss curve continues from the checkpoint: steps 4-5 of the killed attempt are redone.
-    assert [h["step"] for h in summary["history"]] == [1, 2, 3, 4, 5, 6, 7, 8]
-
-
-@pytest.mark.slow
-def test_rerun_after_a_crash_resumes(tmp_path, digits, tiny_model):
-    spec = spec_for(tmp_path, digits, tiny_model, max_steps=8, checkpoint_every=3, max_failures=0)
+@pytest.fixture(scope="module")
+def crashed_epoch_run(digits, tiny_model, tmp_path_factory, ray_session) -> tuple[dict, dict]:
+    """An epoch run whose worker dies at step 5 with max_failures=0 (the run fails), run
+    again (it resumes), then once more (it is finished): the summaries of the last two."""
+    out = tmp_path_factory.mktemp("crashed")
+    spec = spec_for(out, digits, tiny_model, data=str(digits / "test"), max_steps=None, epochs=1,
+                    batch_size=16, checkpoint_every=3, log_every=5, max_failures=0)
     with pytest.raises(Exception):
-        run_finetune(spec, hooks=[KillOnce(5, str(tmp_path / "killed"))])
+        run_finetune(spec, hooks=[KillOnce(5, str(out / "killed"))])
     summary = run_finetune(spec)
-    assert summary["resumed_from"] == [3] and summary["steps"] == 8
-    again = run_finetune(spec)  # a finished run stays finished
-    assert again["steps"] == 8 and again["resumed_from"] == [3, 8]
+    return summary, run_finetune(spec)
+
+
+@pytest.mark.slow
+def test_rerun_after_a_crash_resumes(crashed_epoch_run):
+    summary, again = crashed_epoch_run
+    assert summary["resumed_from"] == [3] and summary["steps"] == 360 // 16 + 1
+    # a finished run stays finished
+    assert again["steps"] == summary["steps"] and again["resumed_from"] == [3, summary["steps"]]
 
 
 @pytest.mark.parametrize("change, field", [
@@ -216,57 +263,44 @@ def test_spec_errors_name_the_field_before_any_model_loads(tmp_path, digits, tin
 
 
 @pytest.mark.slow
-def test_epoch_runs_stop_after_their_epochs_even_when_rerun(tmp_path, digits, tiny_model):
-    spec = spec_for(tmp_path, digits, tiny_model, data=str(digits / "test"), max_steps=None, epochs=1,
-                    batch_size=16, checkpoint_every=100, log_every=5)
-    summary = run_finetune(spec)
+def test_epoch_runs_stop_after_their_epochs_even_when_rerun(crashed_epoch_run):
+    summary, again = crashed_epoch_run
     assert summary["epochs"] == 1 and summary["steps"] == 360 // 16 + 1
-    assert summary["data"]["rows_used"] == 360
-    again = run_finetune(spec)
-    assert again["steps"] == summary["steps"] and again["resumed_from"] == [summary["steps"]]
+    assert summary["data"]["rows_used"] == 360, "the rows of the crashed attempt's lost steps count once"
+    assert again["steps"] == summary["steps"] and again["resumed_from"][-1] == summary["steps"]
     assert again["data"]["rows_used"] == 360, "a finished run trains no extra epoch"
 
 
 @pytest.fixture(scope="module")
-def mixed(digits, tmp_path_factory) -> Path:
-    """64 digits rows in one row group, every odd row without its image. With two workers and
-    no local shuffle, worker 0 gets every image row and worker 1 only text rows."""
-    table = pq.read_table(str(digits / "test")).slice(0, 64)
-    images = [cell if i % 2 == 0 else None for i, cell in enumerate(table.column("image").to_pylist())]
-    table = table.set_column(table.schema.get_field_index("image"), "image", pa.array(images, pa.binary()))
-    out = tmp_path_factory.mktemp("mixed")
-    pq.write_table(table, out / "part-000.parquet", row_group_size=64)
-    return out
+def killed_mid_epoch(digits, tiny_model, tmp_path_factory, ray_session):
+    """Two runs of 16 steps on 2 workers, recording their rows: one whose rank-1 worker dies
+    after step 7 (max_failures=1: Ray Train restarts it within the run), one left alone.
+    360 rows, 2 workers x 2 micro-batches of 8: 12 steps per epoch, so 16 steps cross into
+    epoch 1, and the restart from the checkpoint at step 5 is mid-epoch."""
+    out = tmp_path_factory.mktemp("killed-mid-epoch")
+
+    def run(name: str, hooks: list) -> tuple[dict, dict[int, list[int]]]:
+        record = out / f"{name}.jsonl"
+        spec = spec_for(out, digits, tiny_model, data=str(digits / "test"), name=name, workers=2, batch_size=8,
+                        grad_accum=2, shuffle_window=64, max_steps=16, checkpoint_every=5, max_failures=1)
+        summary = run_finetune(spec, hooks=[RecordRows(str(record)), *hooks])
+        return summary, rows_per_epoch(str(record))
+
+    return run("killed", [KillOnce(7, str(out / "killed-marker"))]), run("plain", [])
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["1", "2", "full"])
-def test_text_only_ranks_step_with_image_ranks_under_ddp(tmp_path, mixed, tiny_model, stage):
-    recorder = RecordRows(str(tmp_path / "rows.jsonl"))
-    summary = run_finetune(spec_for(tmp_path, mixed, tiny_model, data=str(mixed), stage=stage, workers=2,
-                                    batch_size=2, grad_accum=2, shuffle_window=1, max_steps=3,
-                                    checkpoint_every=3, lora={"r": 4, "alpha": 8}), hooks=[recorder])
-    assert summary["steps"] == 3 and all(h["loss"] > 0 for h in summary["history"])
-    records = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
-    by_rank = {r: {row % 2 for rec in records if rec["rank"] == r for row in rec["rows"]} for r in (0, 1)}
-    assert by_rank == {0: {0}, 1: {1}}, "one worker saw only image rows, the other only text rows"
-
-
-def epoch_rows_of(tmp_path: Path, digits: Path, tiny_model: Path, name: str, hooks: list) -> dict[int, list[int]]:
-    record = tmp_path / f"{name}.jsonl"
-    spec = spec_for(tmp_path, digits, tiny_model, data=str(digits / "test"), name=name, workers=2, batch_size=8,
-                    grad_accum=2, shuffle_window=64, max_steps=16, checkpoint_every=5, max_failures=1)
-    summary = run_finetune(spec, hooks=[RecordRows(str(record)), *hooks])
-    return summary, rows_per_epoch(str(record))
+def test_a_killed_worker_restarts_from_the_last_checkpoint(killed_mid_epoch):
+    (killed, _), _ = killed_mid_epoch
+    assert killed["resumed_from"] == [5]
+    assert killed["steps"] == 16
+    # The loss curve continues from the checkpoint: steps 6-7 of the killed attempt are redone.
+    assert [h["step"] for h in killed["history"]] == list(range(1, 17))
 
 
 @pytest.mark.slow
-def test_a_run_killed_mid_epoch_resumes_on_exactly_the_rows_it_had_left(tmp_path, digits, tiny_model):
-    # 360 rows, 2 workers x 2 micro-batches of 8: 12 steps per epoch, so 16 steps cross into
-    # epoch 1. The kill after step 7 resumes from the checkpoint at step 5, mid-epoch.
-    killed, resumed_rows = epoch_rows_of(tmp_path, digits, tiny_model, "killed",
-                                         [KillOnce(7, str(tmp_path / "killed-marker"))])
-    plain, plain_rows = epoch_rows_of(tmp_path, digits, tiny_model, "plain", [])
+def test_a_run_killed_mid_epoch_resumes_on_exactly_the_rows_it_had_left(killed_mid_epoch):
+    (killed, resumed_rows), (plain, plain_rows) = killed_mid_epoch
     assert killed["resumed_from"] == [5] and killed["steps"] == plain["steps"] == 16
     assert resumed_rows == plain_rows, "the same rows per epoch, each as often"
     assert resumed_rows[0] == list(range(360)), "epoch 0: every row exactly once"
