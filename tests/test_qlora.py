@@ -21,7 +21,7 @@ from train_hooks import KillOnce
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
 
-STEPS, CHECKPOINT_EVERY, KILL_AFTER = 200, 100, 130
+STEPS, CHECKPOINT_EVERY, KILL_AFTER = 100, 60, 70
 
 
 @pytest.fixture(scope="module")
