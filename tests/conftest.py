@@ -56,10 +56,14 @@ def ray_session() -> Iterator[None]:
         # and the fine-tuning tests' step hooks from tests/.
         path = os.pathsep.join(filter(None, [str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH")]))
         # Ray Train's controller polls workers every 2 s by default: each report() would
-        # cost that much. Set before init so every Ray process inherits it.
-        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+        # cost that much. Its preemption watcher (an actor per run, polling Ray for node
+        # drains) watches for what a one-node test session never does: each run would pay
+        # one more Ray process start. Set before init so every Ray process inherits them.
+        train_env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+        for key, value in train_env.items():
+            os.environ.setdefault(key, value)
         ray.init(address="local", num_cpus=2, include_dashboard=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": path, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}})
+                 runtime_env={"env_vars": {"PYTHONPATH": path, **train_env}})
     yield
     if started:
         ray.shutdown()
