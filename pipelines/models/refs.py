@@ -164,19 +164,22 @@ def _half_imported(exc: BaseException) -> bool:
 def load_processor(ref: ModelRef, storage: Storage, cache_dir: str | None) -> Any:
     key = (ref, storage, cache_dir)
     with _processors_lock:
-        for attempt in range(3):
-            if key in _processors:
-                break
-            try:
-                from trol import TroLProcessor
-
-                _processors[key] = TroLProcessor.from_pretrained(
-                    materialize_model(ref, storage, cache_dir, weights=False))
-            except (ImportError, AttributeError) as exc:
-                # Ray Data runs this in a worker where Ray's own threads may be importing torch
-                # too (seen once in a full test run); that import completes, so trying again works.
-                if attempt == 2 or not _half_imported(exc):
-                    raise
-                log.warning("loading the processor met a half-imported module (%s); trying again", exc)
-                time.sleep(1.0 + attempt)
+        if key not in _processors:
+            _processors[key] = _read_processor(materialize_model(ref, storage, cache_dir, weights=False))
         return _processors[key]
+
+
+def _read_processor(path: str, attempts: int = 3) -> Any:
+    """The processor in `path`; the last attempt returns it or raises."""
+    for attempt in range(attempts):
+        try:
+            from trol import TroLProcessor
+
+            return TroLProcessor.from_pretrained(path)
+        except (ImportError, AttributeError) as exc:
+            # Ray Data runs this in a worker where Ray's own threads may be importing torch
+            # too (seen once in a full test run); that import completes, so trying again works.
+            if attempt == attempts - 1 or not _half_imported(exc):
+                raise
+            log.warning("loading the processor met a half-imported module (%s); trying again", exc)
+            time.sleep(1.0 + attempt)
