@@ -62,7 +62,11 @@ def ray_session() -> Iterator[None]:
         train_env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
         for key, value in train_env.items():
             os.environ.setdefault(key, value)
-        ray.init(address="local", num_cpus=2, include_dashboard=False,
+        # Ray keeps idle worker processes up to its soft limit (its CPU count, 2 here) and
+        # ends the rest after a second. With a run's actors counted against that limit, the
+        # data tasks' processes ended between runs, and every run paid again for their
+        # imports (torch + transformers, ~3 s of CPU each). 8 keeps them for the next run.
+        ray.init(address="local", num_cpus=2, include_dashboard=False, _system_config={"num_workers_soft_limit": 8},
                  runtime_env={"env_vars": {"PYTHONPATH": path, **train_env}})
     yield
     if started:

@@ -9,10 +9,10 @@ copies them to the device in Ray's prefetch thread: the training loop only steps
 
 from __future__ import annotations
 
+import pickle
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,15 +26,30 @@ from .plan import EMPTY_SLOT, RowIndex
 USED = -1  # `drop` column: the row trains (else the index of its reason in COUNTER_NAMES)
 
 
-@dataclass
 class BatchRecipe:
-    """Everything a data task needs (pickled once per dataset by Ray Data)."""
+    """Everything a data task needs (pickled once per dataset by Ray Data).
 
-    index: RowIndex
-    columns: list[str]
-    fmt: RowFormat
-    processor: Any
-    storage: Storage
+    The processor travels as its own pickle, opened on first use: Ray Data's split
+    coordinator, which only passes the recipe on, then never imports the processor's
+    transformers and torch (about 3 s of CPU in every such actor, one per pipeline)."""
+
+    def __init__(self, index: RowIndex, columns: list[str], fmt: RowFormat, processor: Any, storage: Storage):
+        self.index, self.columns, self.fmt, self.storage = index, columns, fmt, storage
+        self._processor, self._pickled_processor = processor, None
+
+    @property
+    def processor(self) -> Any:
+        if self._processor is None:
+            self._processor = pickle.loads(self._pickled_processor)
+        return self._processor
+
+    def __getstate__(self) -> dict[str, Any]:
+        pickled = self._pickled_processor or pickle.dumps(self._processor, protocol=pickle.HIGHEST_PROTOCOL)
+        return {"index": self.index, "columns": self.columns, "fmt": self.fmt, "storage": self.storage,
+                "_processor": None, "_pickled_processor": pickled}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
 
 
 # Row groups recently read by this process: consecutive micro-batches of a shuffle window
