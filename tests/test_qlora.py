@@ -6,6 +6,7 @@ loads in the caption job."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -60,9 +61,13 @@ def test_qlora_on_cpu_learns_resumes_exactly_and_exports_a_model_the_caption_job
     from pipelines.finetune.parallel import load_for_stage
     from trol import TroLForConditionalGeneration
 
-    whole = run_finetune(qlora_spec(tmp_path, digits, base, "whole"))
-    killed = run_finetune(qlora_spec(tmp_path, digits, base, "killed", max_failures=1),
-                          hooks=[KillOnce(KILL_AFTER, str(tmp_path / "killed-marker"))])
+    # The two runs at once, each from its own thread: each has one worker, which steps on one
+    # CPU (bitsandbytes' 4-bit layers on CPU), so one after the other would leave a CPU idle.
+    with ThreadPoolExecutor(2) as pool:
+        whole_run = pool.submit(run_finetune, qlora_spec(tmp_path, digits, base, "whole"))
+        killed_run = pool.submit(run_finetune, qlora_spec(tmp_path, digits, base, "killed", max_failures=1),
+                                 hooks=[KillOnce(KILL_AFTER, str(tmp_path / "killed-marker"))])
+        whole, killed = whole_run.result(), killed_run.result()
 
     losses = [h["loss"] for h in whole["history"]]
     assert whole["steps"] == STEPS and len(losses) == STEPS // 20
