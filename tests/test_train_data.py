@@ -80,3 +80,30 @@ def test_a_micro_batch_keeps_its_slots_and_counts_what_was_dropped(processor, tm
     expected = processor.encode_conversation([{"role": "user", "content": "Describe the image."},
                                               {"role": "assistant", "content": "caption 4"}], has_image=True)
     assert batch["input_ids"][2, : len(expected["input_ids"])].tolist() == expected["input_ids"]
+
+
+def test_a_pickled_recipe_opens_without_torch_and_prepares_the_same_micro_batch(processor, tmp_path):
+    """Ray Data's split coordinator only unpickles the recipe: that must not import torch or
+    transformers (the processor's ~3 s of CPU, paid in every such actor). The data task that
+    uses the recipe gets the processor back, and with it the same micro-batch."""
+    import pickle
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    path = tmp_path / "part.parquet"
+    pq.write_table(pa.Table.from_pylist([{"image": png(), "caption": f"caption {i}"} for i in range(3)]), path)
+    recipe = BatchRecipe(RowIndex((str(path),), ((3,),)), ["image", "caption"], RowFormat(), processor,
+                         Storage.from_environment())
+    (tmp_path / "recipe.pkl").write_bytes(pickle.dumps(recipe))
+    probe = ("import pickle, sys; recipe = pickle.loads(open(sys.argv[1], 'rb').read()); "
+             "print(sorted(m for m in ('torch', 'transformers', 'trol') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "recipe.pkl")], cwd=REPO, capture_output=True,
+                          text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout
+
+    refs = pa.table({"micro": [0, 0], "row": [2, 0]})
+    again = pickle.loads(pickle.dumps(pickle.loads(pickle.dumps(recipe))))  # as passed on twice
+    assert again.processor.image_size == processor.image_size
+    assert prepare_micro_batch(refs, again).equals(prepare_micro_batch(refs, recipe))
