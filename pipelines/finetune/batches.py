@@ -44,12 +44,9 @@ class BatchRecipe:
         return self._processor
 
     def __getstate__(self) -> dict[str, Any]:
-        pickled = self._pickled_processor or pickle.dumps(self._processor, protocol=pickle.HIGHEST_PROTOCOL)
-        return {"index": self.index, "columns": self.columns, "fmt": self.fmt, "storage": self.storage,
-                "_processor": None, "_pickled_processor": pickled}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+        if self._pickled_processor is None:  # once, however often Ray Data pickles the recipe
+            self._pickled_processor = pickle.dumps(self._processor, protocol=pickle.HIGHEST_PROTOCOL)
+        return {**self.__dict__, "_processor": None}
 
 
 # Row groups recently read by this process: consecutive micro-batches of a shuffle window
